@@ -1,0 +1,95 @@
+"""Adapters for Hugging Face transformers vision-language models (4.37.x and 5.x)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from .base import ModelAdapter, SequenceLayout
+
+
+class HFLlavaAdapter(ModelAdapter):
+    """``LlavaForConditionalGeneration``.
+
+    transformers 5.x (and late 4.x) processors expand ``<image>`` into one placeholder
+    per image feature, so image positions are the placeholder positions. transformers
+    4.37 keeps one ``<image>`` token per image and the model splices the features in
+    (``_merge_input_ids_with_image_features``), which lengthens the sequence; the
+    layout then reproduces that splice arithmetic, including its left-padding rule.
+    """
+
+    family = "HF Llava"
+    model_classes = ("LlavaForConditionalGeneration",)
+
+    @property
+    def patches_per_image(self) -> int:
+        vc = self.model.config.vision_config
+        n = (int(vc.image_size) // int(vc.patch_size)) ** 2
+        if getattr(self.model.config, "vision_feature_select_strategy", "default") == "full":
+            n += 1
+        return n
+
+    def _splices_internally(self, input_ids: torch.Tensor) -> bool:
+        if not hasattr(type(self.model), "_merge_input_ids_with_image_features"):
+            return False
+        per_row = self.image_token_positions(input_ids).sum(dim=1)
+        return bool(per_row.max() > 0) and int(per_row.max()) < self.patches_per_image
+
+    def layout(self, batch: Mapping[str, Any]) -> SequenceLayout:
+        input_ids = batch["input_ids"]
+        if not self._splices_internally(input_ids):
+            return super().layout(batch)
+        attn = batch.get("attention_mask")
+        attn = torch.ones_like(input_ids) if attn is None else attn
+        special = self.image_token_positions(input_ids)
+        P = self.patches_per_image
+        B, T = input_ids.shape
+        max_len = int(special.sum(dim=1).max()) * (P - 1) + T
+        new_pos = torch.cumsum(special.long() * (P - 1) + 1, dim=-1) - 1
+        nb_pad = max_len - 1 - new_pos[:, -1]
+        pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else -1
+        if not bool((input_ids[:, -1] == pad_id).any()):  # the 4.37 left-padding rule
+            new_pos = new_pos + nb_pad[:, None]
+        new_attn = torch.zeros(B, max_len, dtype=torch.bool, device=input_ids.device)
+        image = torch.zeros_like(new_attn)
+        rows, cols = torch.where(~special)
+        new_attn[rows, new_pos[rows, cols]] = attn[rows, cols].bool()
+        rows, cols = torch.where(special)
+        for offset in range(P):
+            image[rows, new_pos[rows, cols] - offset] = True
+        return SequenceLayout(attention_mask=new_attn | image, image_mask=image)
+
+
+class HFLlavaNextAdapter(ModelAdapter):
+    """``LlavaNextForConditionalGeneration`` (placeholders expanded by the processor)."""
+
+    family = "HF LlavaNext"
+    model_classes = ("LlavaNextForConditionalGeneration",)
+    image_keys = ("pixel_values", "image_sizes")
+
+
+class HFQwen2VLAdapter(ModelAdapter):
+    """``Qwen2VLForConditionalGeneration`` and ``Qwen2_5_VLForConditionalGeneration``.
+
+    The text-only variant drops the ``<|vision_start|>``/``<|vision_end|>`` markers
+    together with the image placeholders.
+    """
+
+    family = "HF Qwen2-VL"
+    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    projector_paths = ("model.visual.merger", "visual.merger")
+    image_keys = ("pixel_values", "image_grid_thw")
+
+    def text_only_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        ids = batch["input_ids"]
+        cfg = self.model.config
+        drop = self.image_token_positions(ids)
+        for key in ("vision_start_token_id", "vision_end_token_id"):
+            tok = getattr(cfg, key, None)
+            if tok is not None:
+                drop = drop | (ids == int(tok))
+        return self._drop_tokens(batch, drop)
+
+
+__all__ = ["HFLlavaAdapter", "HFLlavaNextAdapter", "HFQwen2VLAdapter"]

@@ -1,0 +1,146 @@
+"""Hidden-state capture: forward hooks that pool per layer over token masks on the fly.
+
+Only the pooled ``[batch, hidden]`` vectors are kept, never a layer's full
+``[batch, length, hidden]`` states, so capturing many layers of a long multimodal
+sequence costs almost no memory. Pooling keeps the autograd graph unless
+``detach=True``, so training losses (TGA) can back-propagate through it.
+
+>>> with HiddenCapture(adapter, layers=[10, 11], masks={"image": layout.image_mask}) as cap:  # doctest: +SKIP
+...     model(**batch)
+>>> cap.pooled["image"][10].shape  # doctest: +SKIP
+torch.Size([batch, hidden])
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+import torch
+
+from .adapters.base import layer_hidden
+from .errors import CaptureError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .adapters.base import ModelAdapter
+
+POOLINGS = ("mean", "last")
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """Pool ``hidden [B, L, H]`` over the True positions of ``mask [B, L]``.
+
+    ``mean``: the average over the masked positions (zeros for an empty row);
+    ``last``: the state at each row's last masked position (zeros for an empty row).
+    """
+    m = mask.to(hidden.device)
+    if how == "mean":
+        weights = m.to(hidden.dtype).unsqueeze(-1)
+        total = (hidden * weights).sum(dim=1)
+        count = m.sum(dim=1, keepdim=True).clamp(min=1).to(hidden.dtype)
+        return total / count
+    if how == "last":
+        L = m.shape[1]
+        idx = torch.arange(L, device=m.device).expand_as(m)
+        last = torch.where(m, idx, torch.full_like(idx, -1)).max(dim=1).values
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        picked = hidden[rows, last.clamp(min=0)]
+        return picked * (last >= 0).to(hidden.dtype).unsqueeze(-1)
+    raise CaptureError(f"unknown pooling {how!r}; valid: {', '.join(POOLINGS)}")
+
+
+class HiddenCapture:
+    """Capture pooled hidden states at chosen decoder layers for one or more masks.
+
+    ``masks`` maps a name to a bool ``[batch, llm_length]`` mask in the coordinates of
+    the decoder's sequence (see :meth:`ModelAdapter.layout`). ``on_mismatch``: what to
+    do when a forward's sequence length differs from the masks' (for example the
+    one-token decode steps of ``generate``): ``"raise"`` (default) or ``"skip"``.
+    Results are in ``self.pooled[name][layer]``; a later forward overwrites them.
+
+    Hooks are removed when the ``with`` block ends, also when its body raises.
+    """
+
+    def __init__(
+        self,
+        adapter: "ModelAdapter",
+        layers: Iterable[int] | None,
+        masks: Mapping[str, torch.Tensor] | None = None,
+        pooling: str = "mean",
+        *,
+        detach: bool = False,
+        on_mismatch: str = "raise",
+    ) -> None:
+        if pooling not in POOLINGS:
+            raise CaptureError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLINGS)}")
+        if on_mismatch not in ("raise", "skip"):
+            raise CaptureError(f"on_mismatch must be 'raise' or 'skip', got {on_mismatch!r}")
+        self.adapter = adapter
+        try:
+            self.layers = adapter.resolve_layers(None if layers is None else list(layers))
+        except IndexError as exc:
+            raise CaptureError(str(exc)) from None
+        self.masks: dict[str, torch.Tensor] = {}
+        self.pooling = pooling
+        self.detach = detach
+        self.on_mismatch = on_mismatch
+        self.pooled: dict[str, dict[int, torch.Tensor]] = {}
+        self._handles: list[Any] = []
+        if masks:
+            self.set_masks(masks)
+
+    def set_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Replace the masks (and forget earlier results)."""
+        shapes = {tuple(m.shape) for m in masks.values()}
+        if len(shapes) > 1:
+            raise CaptureError(f"all masks must have the same shape, got {sorted(shapes)}")
+        for name, mask in masks.items():
+            if mask.dim() != 2:
+                raise CaptureError(f"mask {name!r} must be [batch, length], got shape {tuple(mask.shape)}")
+        self.masks = {k: v.bool() for k, v in masks.items()}
+        self.pooled = {k: {} for k in self.masks}
+
+    def _hook(self, layer: int):
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if not self.masks:
+                return
+            hidden = layer_hidden(output)
+            for name, mask in self.masks.items():
+                if tuple(mask.shape) != tuple(hidden.shape[:2]):
+                    if self.on_mismatch == "skip":
+                        return
+                    raise CaptureError(
+                        f"layer {layer}: hidden states have shape {tuple(hidden.shape[:2])} "
+                        f"(batch, length) but mask {name!r} has shape {tuple(mask.shape)}"
+                    )
+                pooled = pool(hidden, mask, self.pooling)
+                self.pooled[name][layer] = pooled.detach() if self.detach else pooled
+
+        return hook
+
+    def __enter__(self) -> "HiddenCapture":
+        layers = self.adapter.decoder_layers
+        try:
+            for idx in self.layers:
+                self._handles.append(layers[idx].register_forward_hook(self._hook(idx)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def stacked(self, name: str) -> torch.Tensor:
+        """``[num_layers, batch, hidden]`` for mask ``name`` in ``self.layers`` order."""
+        got = self.pooled.get(name, {})
+        missing = [layer for layer in self.layers if layer not in got]
+        if missing:
+            raise CaptureError(f"no states captured for mask {name!r} at layers {missing}: did the forward run?")
+        return torch.stack([got[layer] for layer in self.layers])
+
+
+__all__ = ["HiddenCapture", "POOLINGS", "pool"]

@@ -1,0 +1,99 @@
+"""The ``cmrm`` recipe section."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ..layers import parse_layers
+
+
+class Variant(enum.Enum):
+    dataset = "dataset"  # one calibrated vector per layer, from a dataset
+    sample = "sample"  # the shift of each input, computed at prefill with extra forwards
+
+
+class Reference(enum.Enum):
+    blank = "blank"  # a constant image (the model's own processor, or the mean colour)
+    noise = "noise"  # seeded Gaussian noise in the normalised pixel space
+    none = "none"  # the image tokens removed (text-only input)
+
+
+class Positions(enum.Enum):
+    image = "image"
+    text = "text"
+    all = "all"
+
+
+class Phase(enum.Enum):
+    prompt = "prompt"  # the prefill forward
+    generated = "generated"  # the decode steps of generate
+    both = "both"
+
+
+class MeasureAt(enum.Enum):
+    last = "last"  # the last real token of the prompt
+    mean = "mean"  # the mean over the real tokens of the prompt
+
+
+@dataclass
+class CMRMConfig:
+    """Settings of CMRM steering.
+
+    The shift at layer l is ``v_l = h_l(text, image) - h_l(reference)`` measured at
+    ``measure_at``; steering subtracts ``alpha_l * v_l`` from the layer's output at the
+    chosen positions.
+    """
+
+    variant: Variant = Variant.dataset
+    #: one float, or one float per steered layer
+    alpha: Any = 1.0
+    #: "all", a range such as "10-20" (inclusive), or a list of layer ids
+    layers: Any = "all"
+    #: which prompt positions are steered
+    positions: Positions = Positions.all
+    #: steer the prompt (prefill), the generated tokens, or both
+    apply_to: Phase = Phase.both
+    #: what the shift is measured against
+    reference: Reference = Reference.blank
+    #: which token position(s) the shift is measured at
+    measure_at: MeasureAt = MeasureAt.last
+    #: calibrated vector file (safetensors) for the dataset variant
+    vectors: Optional[str] = None
+    #: seed of the noise reference
+    noise_seed: int = 0
+    #: grey level (0-255) of the blank reference image when a processor is available
+    blank_fill: int = 0
+    #: calibration batch size
+    batch_size: int = 8
+    #: refuse vector files whose model fingerprint differs (False: warn)
+    strict: bool = True
+
+    @staticmethod
+    def check(cfg: Any) -> None:
+        """Checks the types OmegaConf cannot express; raises ValueError with ``.key``."""
+        alpha = cfg.alpha
+        values = list(alpha) if not isinstance(alpha, (int, float, str)) else [alpha]
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                err = ValueError(f"alpha must be a number or a list of numbers, got {alpha!r}")
+                err.key = "alpha"  # type: ignore[attr-defined]
+                raise err
+        try:
+            layers = parse_layers(cfg.layers)
+        except ValueError as exc:
+            exc.key = "layers"  # type: ignore[attr-defined]
+            raise
+        if len(values) > 1 and layers is not None and len(values) != len(layers):
+            err = ValueError(f"alpha has {len(values)} values but {len(layers)} layers are steered")
+            err.key = "alpha"  # type: ignore[attr-defined]
+            raise err
+        if not 0 <= int(cfg.blank_fill) <= 255:
+            err = ValueError(f"blank_fill must be in 0-255, got {cfg.blank_fill}")
+            err.key = "blank_fill"  # type: ignore[attr-defined]
+            raise err
+        if int(cfg.batch_size) < 1:
+            err = ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+            err.key = "batch_size"  # type: ignore[attr-defined]
+            raise err

@@ -1,0 +1,104 @@
+"""Registries filled by the registration hooks: methods, adapters, judges, benchmarks,
+recipe folders. Each function calls its hook on the given (default: process-wide)
+plugin manager and returns what was registered."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from .errors import LVLMSafetyError
+from .plugins import SafetyPluginManager, get_plugin_manager
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .adapters.base import ModelAdapter
+    from .methods.base import Method
+
+
+def _pm(pm: SafetyPluginManager | None) -> SafetyPluginManager:
+    return pm if pm is not None else get_plugin_manager()
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def _named_registry(hook: Callable[..., Any], kind: str) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+
+    def register(name: str, value: Any) -> None:
+        if not isinstance(name, str) or not name:
+            raise LVLMSafetyError(f"a {kind} must be registered with a non-empty string name, got {name!r}")
+        if name in found and found[name] is not value:
+            raise LVLMSafetyError(
+                f"{kind} {name!r} is registered twice: by {_qualname(found[name])} and by {_qualname(value)}"
+            )
+        found[name] = value
+
+    hook(register=register)
+    return found
+
+
+def methods(pm: SafetyPluginManager | None = None) -> dict[str, type["Method"]]:
+    """Every registered method class by name (the recipe section it reads)."""
+    from .methods.base import Method
+
+    found: dict[str, type[Method]] = {}
+
+    def register(method_class: type[Method]) -> None:
+        if not (isinstance(method_class, type) and issubclass(method_class, Method)):
+            raise LVLMSafetyError(f"register_methods: {method_class!r} is not a subclass of Method")
+        method_class.validate_class()
+        name = method_class.name
+        if name in found and found[name] is not method_class:
+            raise LVLMSafetyError(
+                f"method {name!r} is registered twice: by {_qualname(found[name])} and by {_qualname(method_class)}"
+            )
+        found[name] = method_class
+
+    _pm(pm).hook.register_methods(register=register)
+    return found
+
+
+def adapters(pm: SafetyPluginManager | None = None) -> list[type["ModelAdapter"]]:
+    """Every registered adapter class, the one to try first first."""
+    from .adapters.base import ModelAdapter
+
+    found: list[type[ModelAdapter]] = []
+
+    def register(adapter_class: type[ModelAdapter]) -> None:
+        if not (isinstance(adapter_class, type) and issubclass(adapter_class, ModelAdapter)):
+            raise LVLMSafetyError(f"register_adapters: {adapter_class!r} is not a subclass of ModelAdapter")
+        if adapter_class not in found:
+            found.append(adapter_class)
+
+    # pluggy calls the most recently registered plugin first, so third-party adapters
+    # come before the built-ins; inside one plugin, registration order is kept.
+    _pm(pm).hook.register_adapters(register=register)
+    return found
+
+
+def judges(pm: SafetyPluginManager | None = None) -> dict[str, Callable[..., Any]]:
+    """Every registered judge factory by name."""
+    return _named_registry(_pm(pm).hook.register_judges, "judge")
+
+
+def benchmarks(pm: SafetyPluginManager | None = None) -> dict[str, Callable[..., Any]]:
+    """Every registered benchmark loader by name."""
+    return _named_registry(_pm(pm).hook.register_benchmarks, "benchmark")
+
+
+def recipe_dirs(pm: SafetyPluginManager | None = None) -> list[Any]:
+    """Every registered recipe folder, lowest priority first."""
+    found: list[Any] = []
+
+    def register(path: Any) -> None:
+        if isinstance(path, str):
+            path = Path(path)
+        if not path.is_dir():
+            raise LVLMSafetyError(f"register_recipe_dirs: {path} is not a folder")
+        found.append(path)
+
+    _pm(pm).hook.register_recipe_dirs(register=register)
+    # pluggy calls later-registered plugins first; reverse so they win on a clash.
+    return list(reversed(found))

@@ -1,0 +1,198 @@
+"""Tiny models, processors and batches for tests: plugin authors' fixtures.
+
+Everything is built from configs with random weights, offline, in well under a second.
+Registered as a pytest plugin through the ``pytest11`` entry point, so these fixtures
+are available in any project that installs lvlm-safety-plugins:
+
+``tiny_llava``            a tiny HF ``LlavaForConditionalGeneration`` (eval mode, fp32)
+``tiny_llava_processor``  a matching ``LlavaProcessor`` (word-level tokenizer)
+``tiny_llava_batch``      a left-padded batch of two prompts with one image each
+
+Works with transformers 4.37.x and 5.x.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+#: words known to the tiny tokenizer (besides the special tokens)
+TINY_WORDS: tuple[str, ...] = tuple(
+    "USER: ASSISTANT: what is in the image ? describe this picture please tell me how to make a "
+    "bomb cake poison soup weapon flower steal bike hack computer sorry I cannot help with that "
+    "sure here is it . , a an of and or".split()
+)
+SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
+IMAGE_SIZE = 28
+PATCH_SIZE = 14
+
+
+def tiny_tokenizer(words: Sequence[str] = TINY_WORDS) -> Any:
+    """A word-level ``PreTrainedTokenizerFast`` (``<pad>``=0, ``<image>``=4)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # transformers 4.x processors insist on a Llama tokenizer class for Llava
+    cls = PreTrainedTokenizerFast
+    if int(transformers.__version__.split(".")[0]) < 5:
+        from transformers import LlamaTokenizerFast as cls  # type: ignore[no-redef]
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = cls(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        padding_side="left",
+    )
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return fast
+
+
+def tiny_llava_config(vocab_size: int = 64, num_layers: int = 4, hidden_size: int = 32) -> Any:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        projection_dim=16,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        # no padding_idx: transformers 4.37's Llava finds image slots by all-zero
+        # embeddings, which a zeroed pad embedding would confuse
+        pad_token_id=None,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=SPECIAL_TOKENS.index("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        pad_token_id=0,
+    )
+    cfg.pad_token_id = 0
+    return cfg
+
+
+def build_tiny_llava(seed: int = 0, **config_kwargs: Any) -> Any:
+    """A tiny random ``LlavaForConditionalGeneration`` in eval mode (fp32, CPU)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(tiny_llava_config(**config_kwargs))
+    return model.eval()
+
+
+def tiny_image_processor() -> Any:
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    )
+
+
+def build_tiny_llava_processor() -> Any:
+    """A ``LlavaProcessor`` matching :func:`build_tiny_llava` (4.37 and 5.x)."""
+    import inspect
+
+    from transformers import LlavaProcessor
+
+    kwargs: dict[str, Any] = {}
+    params = inspect.signature(LlavaProcessor.__init__).parameters
+    if "patch_size" in params:
+        kwargs["patch_size"] = PATCH_SIZE
+    if "vision_feature_select_strategy" in params:
+        kwargs["vision_feature_select_strategy"] = "default"
+    if "num_additional_image_tokens" in params:
+        kwargs["num_additional_image_tokens"] = 1
+    return LlavaProcessor(image_processor=tiny_image_processor(), tokenizer=tiny_tokenizer(), **kwargs)
+
+
+def processor_expands_image_tokens(processor: Any) -> bool:
+    """True if the processor writes one ``<image>`` per image feature (5.x style)."""
+    ids = processor(text=["<image> what"], images=[make_image(0)], return_tensors="pt")["input_ids"]
+    return int((ids == SPECIAL_TOKENS.index("<image>")).sum()) > 1
+
+
+def make_image(seed: int, size: int = IMAGE_SIZE, color: tuple[int, int, int] | None = None) -> Any:
+    """A deterministic RGB ``PIL.Image`` (random pixels from ``seed``, or one colour)."""
+    import numpy as np
+    from PIL import Image
+
+    if color is not None:
+        return Image.new("RGB", (size, size), color)
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def tiny_llava_batch(processor: Any, prompts: Sequence[str] | None = None, seed: int = 0) -> dict[str, "torch.Tensor"]:
+    """A left-padded batch, one image per prompt, through the real processor."""
+    prompts = list(prompts or ["USER: <image> what is in the image ? ASSISTANT:", "USER: <image> describe ASSISTANT:"])
+    images = [make_image(seed + i) for i in range(len(prompts))]
+    processor.tokenizer.padding_side = "left"
+    return dict(processor(text=prompts, images=images, return_tensors="pt", padding=True))
+
+
+def save_tiny_clip_vision_tower(path: str | os.PathLike[str] | None = None, seed: int = 0) -> str:
+    """Save a tiny random CLIP vision tower (model + image processor) to a folder, for
+    frameworks such as LLaVA that load their vision tower from a path. Returns it."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    folder = os.fspath(path) if path is not None else tempfile.mkdtemp(prefix="tiny-clip-")
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=16,
+    )
+    CLIPVisionModel(cfg).save_pretrained(folder)
+    tiny_image_processor().save_pretrained(folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------
+# pytest fixtures (pytest11 entry point); pytest is only imported when it is running
+# ---------------------------------------------------------------------------
+try:
+    import pytest
+except ImportError:  # pragma: no cover - pytest is optional at run time
+    pytest = None  # type: ignore[assignment]
+
+if pytest is not None:
+
+    @pytest.fixture
+    def tiny_llava() -> Any:
+        return build_tiny_llava()
+
+    @pytest.fixture(scope="session")
+    def tiny_llava_processor() -> Any:
+        return build_tiny_llava_processor()
+
+    @pytest.fixture
+    def tiny_llava_batch_fixture(tiny_llava_processor: Any) -> dict[str, Any]:
+        return tiny_llava_batch(tiny_llava_processor)
