@@ -338,12 +338,14 @@ def load_recipe(
         key = getattr(exc, "full_key", None)
         raise RecipeError(f"bad interpolation: {str(exc).splitlines()[0]}", top, str(key) if key else None) from None
     for section in plugins:
-        missing = sorted(OmegaConf.missing_keys(config[section]))
+        missing = sorted(
+            k if k.startswith(f"{section}.") else f"{section}.{k}" for k in OmegaConf.missing_keys(config[section])
+        )
         if missing:
             raise RecipeError(
-                f"required value missing (set it in the recipe or with an override such as {section}.{missing[0]}=...)",
+                f"required value missing (set it in the recipe or with an override such as {missing[0]}=...)",
                 top,
-                f"{section}.{missing[0]}",
+                missing[0],
             )
         checker = getattr(methods[section].config_class, "check", None)
         if checker is not None:
