@@ -175,6 +175,27 @@ def save_tiny_clip_vision_tower(path: str | os.PathLike[str] | None = None, seed
     return folder
 
 
+def build_tiny_llava_package_model(vision_tower: str | os.PathLike[str] | None = None, seed: int = 0, **overrides: Any) -> Any:
+    """A tiny random ``llava.model.LlavaLlamaForCausalLM`` from the LLaVA framework (needs
+    ``llava-torch``), its vision tower saved to a folder first and loaded from there."""
+    import torch
+    from llava.model import LlavaConfig, LlavaLlamaForCausalLM
+
+    tower = os.fspath(vision_tower) if vision_tower is not None else save_tiny_clip_vision_tower()
+    settings: dict[str, Any] = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        mm_vision_tower=tower, mm_hidden_size=16, mm_projector_type="mlp2x_gelu",
+        mm_vision_select_layer=-1, mm_vision_select_feature="patch", mm_patch_merge_type="flat",
+        tokenizer_padding_side="right", pad_token_id=0,
+    )
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = LlavaLlamaForCausalLM(LlavaConfig(**settings))
+    model.get_vision_tower().load_model()
+    return model.eval()
+
+
 # ---------------------------------------------------------------------------
 # pytest fixtures (pytest11 entry point); pytest is only imported when it is running
 # ---------------------------------------------------------------------------
