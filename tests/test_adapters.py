@@ -190,3 +190,24 @@ def test_qwen2vl_adapter():
     assert text["input_ids"].tolist() == [[0, 0, 5, 7]]
     assert text["attention_mask"].tolist() == [[0, 0, 1, 1]]
     assert "pixel_values" not in text and "image_grid_thw" not in text
+
+
+def test_text_only_causal_lm_adapter(tiny_llava):
+    """A plain decoder LLM (the Llava's own language model rebuilt as a causal LM)."""
+    from transformers import LlamaForCausalLM
+
+    from lvlm_safety_plugins.adapters.hf import HFCausalLMAdapter
+
+    llm = LlamaForCausalLM(tiny_llava.config.text_config).eval()
+    adapter = get_adapter(llm)
+    assert isinstance(adapter, HFCausalLMAdapter)
+    assert adapter.num_layers == 4 and adapter.hidden_size == 32
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    layout = adapter.layout(batch)
+    assert not bool(layout.image_mask.any()) and layout.attention_mask.tolist() == [[False, True, True], [True] * 3]
+    assert torch.equal(adapter.text_only_batch(batch)["input_ids"], ids)
+    with pytest.raises(UnsupportedModelError, match="no projector"):
+        adapter.projector
+    with pytest.raises(ValueError, match="text-only model"):
+        adapter.blank_image_batch(batch)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..markers import hookimpl
-from .hf import HFLlavaAdapter, HFLlavaNextAdapter, HFQwen2VLAdapter
+from .hf import HFCausalLMAdapter, HFLlavaAdapter, HFLlavaNextAdapter, HFQwen2VLAdapter
 from .llava_pkg import LlavaPackageAdapter
 
 
@@ -15,3 +15,4 @@ def register_adapters(register: Callable[..., None]) -> None:
     register(HFLlavaNextAdapter)
     register(HFQwen2VLAdapter)
     register(LlavaPackageAdapter)
+    register(HFCausalLMAdapter)  # last: the most general

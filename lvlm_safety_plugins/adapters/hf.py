@@ -92,4 +92,37 @@ class HFQwen2VLAdapter(ModelAdapter):
         return self._drop_tokens(batch, drop)
 
 
-__all__ = ["HFLlavaAdapter", "HFLlavaNextAdapter", "HFQwen2VLAdapter"]
+
+
+class HFCausalLMAdapter(ModelAdapter):
+    """A text-only decoder LLM (``LlamaForCausalLM``, ``MistralForCausalLM``,
+    ``Qwen2ForCausalLM``, ... any ``*ForCausalLM`` with ``model.layers``).
+
+    For the LLM side of analyses (the text safety mechanism, logit lens) and for
+    steering a plain LLM with the same machinery. It has no image positions and no
+    projector. Tried after every multimodal adapter.
+    """
+
+    family = "HF causal LM (text only)"
+    model_classes = ("*ForCausalLM",)
+    layer_paths = ("model.layers", "transformer.h", "model.decoder.layers")
+    projector_paths = ()
+    image_keys = ()
+
+    @classmethod
+    def matches(cls, model: Any) -> bool:
+        if not type(model).__name__.endswith("ForCausalLM"):
+            return False
+        from .base import get_path
+
+        return any(isinstance(get_path(model, p), torch.nn.ModuleList) for p in cls.layer_paths)
+
+    @property
+    def image_token_id(self) -> int:
+        return -1  # no token id is negative: nothing is an image placeholder
+
+    def blank_image_batch(self, batch: Mapping[str, Any], kind: str = "blank", **kwargs: Any) -> dict[str, Any]:
+        raise ValueError(f"{type(self.model).__name__} is a text-only model: it takes no image")
+
+
+__all__ = ["HFCausalLMAdapter", "HFLlavaAdapter", "HFLlavaNextAdapter", "HFQwen2VLAdapter"]
