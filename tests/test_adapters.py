@@ -211,3 +211,20 @@ def test_text_only_causal_lm_adapter(tiny_llava):
         adapter.projector
     with pytest.raises(ValueError, match="text-only model"):
         adapter.blank_image_batch(batch)
+
+
+def test_token_masks_map_into_decoder_coordinates(tiny_llava, tiny_llava_processor):
+    """A mask over input_ids (here: the word 'what') lands on the same token's decoder
+    position, also when the model splices image features in (transformers 4.37)."""
+    adapter = get_adapter(tiny_llava)
+    batch = tiny_llava_batch(tiny_llava_processor)
+    word = tiny_llava_processor.tokenizer.convert_tokens_to_ids("what")
+    mask = batch["input_ids"] == word
+    layout = adapter.layout(batch)
+    mapped = layout.map_token_mask(mask)
+    assert int(mapped.sum()) == int(mask.sum()) == 1
+    # the embedding entering layer 0 at the mapped position is the word's embedding
+    x = _decoder_input(tiny_llava, adapter, batch)
+    emb = tiny_llava.get_input_embeddings().weight[word]
+    torch.testing.assert_close(x[mapped][0], emb.detach())
+    assert not bool((mapped & layout.image_mask).any())

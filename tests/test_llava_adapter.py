@@ -79,3 +79,16 @@ def test_anyres_is_refused(model):
             adapter.layout({"input_ids": torch.tensor([[IMAGE_TOKEN_INDEX]])})
     finally:
         model.config.mm_patch_merge_type = "flat"
+
+
+def test_token_mask_maps_into_llava_sequence(model):
+    adapter = get_adapter(model)
+    ids = torch.tensor([[5, IMAGE_TOKEN_INDEX, 7, 8], [0, 5, IMAGE_TOKEN_INDEX, 7]])
+    attn = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    layout = adapter.layout({"input_ids": ids, "attention_mask": attn})
+    mapped = layout.map_token_mask(ids == 7)
+    x = _decoder_input(model, adapter, input_ids=ids, attention_mask=attn, images=torch.randn(2, 3, 28, 28))
+    emb = model.get_input_embeddings().weight[7].detach()
+    assert int(mapped.sum()) == 2
+    for row in range(2):
+        torch.testing.assert_close(x[row][mapped[row]][0], emb)

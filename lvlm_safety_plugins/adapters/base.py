@@ -68,6 +68,21 @@ class SequenceLayout:
 
     attention_mask: torch.Tensor  # bool: real tokens (text or image), not padding
     image_mask: torch.Tensor  # bool: image-feature positions
+    #: long: for each decoder position, the ``input_ids`` column it came from (-1 for
+    #: image features and padding); ``None`` means the identity (no splicing)
+    token_index: torch.Tensor | None = None
+
+    def map_token_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """Carry a bool mask over ``input_ids`` positions (e.g. the retrieved-text
+        tokens) into decoder coordinates. Image features and padding are never set."""
+        mask = mask.to(torch.bool)
+        if self.token_index is None:
+            if tuple(mask.shape) != tuple(self.attention_mask.shape):
+                raise ValueError(f"token mask of shape {tuple(mask.shape)} does not fit the batch {tuple(self.attention_mask.shape)}")
+            return mask & self.attention_mask & ~self.image_mask
+        idx = self.token_index.to(mask.device)
+        picked = torch.gather(mask, 1, idx.clamp(min=0))
+        return picked & (idx >= 0)
 
     @property
     def text_mask(self) -> torch.Tensor:

@@ -53,12 +53,14 @@ class HFLlavaAdapter(ModelAdapter):
             new_pos = new_pos + nb_pad[:, None]
         new_attn = torch.zeros(B, max_len, dtype=torch.bool, device=input_ids.device)
         image = torch.zeros_like(new_attn)
+        token_index = torch.full((B, max_len), -1, dtype=torch.long, device=input_ids.device)
         rows, cols = torch.where(~special)
         new_attn[rows, new_pos[rows, cols]] = attn[rows, cols].bool()
+        token_index[rows, new_pos[rows, cols]] = torch.where(attn[rows, cols].bool(), cols, torch.full_like(cols, -1))
         rows, cols = torch.where(special)
         for offset in range(P):
             image[rows, new_pos[rows, cols] - offset] = True
-        return SequenceLayout(attention_mask=new_attn | image, image_mask=image)
+        return SequenceLayout(attention_mask=new_attn | image, image_mask=image, token_index=token_index)
 
 
 class HFLlavaNextAdapter(ModelAdapter):

@@ -61,19 +61,23 @@ class LlavaPackageAdapter(ModelAdapter):
         P = self.patches_per_image
         max_len = getattr(self.model.config, "tokenizer_model_max_length", None)
         side = getattr(self.model.config, "tokenizer_padding_side", "right")
-        rows = []
+        rows, sources = [], []
         for ids, keep in zip(input_ids, attn):
+            cols = torch.nonzero(keep).flatten()
             ids = ids[keep]
             is_image = ids == self.image_token_id
             # every text token gives one position, every image token gives P positions
             counts = torch.where(is_image, torch.full_like(ids, P), torch.ones_like(ids))
             row = torch.repeat_interleave(is_image, counts)
+            src = torch.repeat_interleave(torch.where(is_image, torch.full_like(cols, -1), cols), counts)
             if max_len is not None:
-                row = row[: int(max_len)]
+                row, src = row[: int(max_len)], src[: int(max_len)]
             rows.append(row)
+            sources.append(src)
         image = repad(rows, False, side)
         real = repad([torch.ones_like(r) for r in rows], False, side)
-        return SequenceLayout(attention_mask=real, image_mask=image & real)
+        token_index = repad(sources, -1, side)
+        return SequenceLayout(attention_mask=real, image_mask=image & real, token_index=token_index)
 
 
 __all__ = ["LlavaPackageAdapter"]
