@@ -52,3 +52,13 @@ class CaptureError(LVLMSafetyError):
 
 class VectorFileError(LVLMSafetyError):
     """A steering-vector file is missing, corrupt, or does not fit the model."""
+
+
+class ConfigValueError(ValueError):
+    """Raised by a method config's ``check(cfg)`` for a value OmegaConf's typing cannot
+    rule out; ``key`` is the field inside the method's section. The recipe loader turns
+    it into a :class:`RecipeError` naming the file and the dotted key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(message)

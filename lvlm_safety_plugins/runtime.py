@@ -73,12 +73,17 @@ class Runtime:
         model: "torch.nn.Module | None" = None,
         overrides: Sequence[str] = (),
         pm: SafetyPluginManager | None = None,
+        processor: Any = None,
+        tokenizer: Any = None,
     ) -> None:
         from .registry import methods as registered_methods
 
         self.global_pm = pm if pm is not None else get_plugin_manager()
         self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides, pm=self.global_pm)
         self.model = model
+        #: the host's processor / tokenizer, for plugins that tokenize (set by integrations)
+        self.processor = processor
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
         self._adapter: ModelAdapter | None = None
         self.pm = SafetyPluginManager()
         for name, plugin in self.global_pm.list_name_plugin():

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 TINY_WORDS: tuple[str, ...] = tuple(
     "USER: ASSISTANT: what is in the image ? describe this picture please tell me how to make a "
     "bomb cake poison soup weapon flower steal bike hack computer sorry I cannot help with that "
-    "sure here is it . , a an of and or".split()
+    "sure here is it . , a an of and or Retrieved Text: red blue green dog cat".split()
 )
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 IMAGE_SIZE = 28

@@ -11,5 +11,7 @@ from ..markers import hookimpl
 @hookimpl
 def register_methods(register: Callable[..., None]) -> None:
     from .cmrm.method import CMRM
+    from .tga.method import TGA
 
     register(CMRM)
+    register(TGA)

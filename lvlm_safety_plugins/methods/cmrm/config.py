@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ...errors import ConfigValueError
 from ..layers import parse_layers
 
 
@@ -77,23 +78,14 @@ class CMRMConfig:
         values = list(alpha) if not isinstance(alpha, (int, float, str)) else [alpha]
         for value in values:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                err = ValueError(f"alpha must be a number or a list of numbers, got {alpha!r}")
-                err.key = "alpha"  # type: ignore[attr-defined]
-                raise err
+                raise ConfigValueError("alpha", f"alpha must be a number or a list of numbers, got {alpha!r}")
         try:
             layers = parse_layers(cfg.layers)
         except ValueError as exc:
-            exc.key = "layers"  # type: ignore[attr-defined]
-            raise
+            raise ConfigValueError("layers", str(exc)) from None
         if len(values) > 1 and layers is not None and len(values) != len(layers):
-            err = ValueError(f"alpha has {len(values)} values but {len(layers)} layers are steered")
-            err.key = "alpha"  # type: ignore[attr-defined]
-            raise err
+            raise ConfigValueError("alpha", f"alpha has {len(values)} values but {len(layers)} layers are steered")
         if not 0 <= int(cfg.blank_fill) <= 255:
-            err = ValueError(f"blank_fill must be in 0-255, got {cfg.blank_fill}")
-            err.key = "blank_fill"  # type: ignore[attr-defined]
-            raise err
+            raise ConfigValueError("blank_fill", f"blank_fill must be in 0-255, got {cfg.blank_fill}")
         if int(cfg.batch_size) < 1:
-            err = ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
-            err.key = "batch_size"  # type: ignore[attr-defined]
-            raise err
+            raise ConfigValueError("batch_size", f"batch_size must be >= 1, got {cfg.batch_size}")

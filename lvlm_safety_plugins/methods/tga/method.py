@@ -1,0 +1,291 @@
+"""The ``tga`` loss plugin.
+
+Per training step (through the lifecycle hooks):
+
+1. ``prepare_example``: the retrieved text is put into the prompt right before the
+   image placeholder with ``retrieved_template``; when it equals the caption, only its
+   first half is used (as in the reference code), so the answer is not handed over.
+2. ``collate``: the caption is tokenized for the teacher pass, and the retrieved-text
+   tokens are located in each row's ``input_ids`` (a mask, never an offset).
+3. ``before_forward``: the caption teacher pass (text only, no grad, eval mode) is
+   pooled per layer on the fly; capture hooks are installed for the training forward
+   over the image tokens and the retrieved-text tokens (in decoder coordinates).
+4. ``loss_terms``: ``tga/pair`` = w_pair a(r) mean exp(-cos(img, cap)) and
+   ``tga/rank`` = w_rank b(r) mean exp(cos(ret, cap) - cos(img, cap)), in torch, so
+   both terms carry gradients to the projector (the reference code computed them with
+   ``math.exp``, which gives no gradient at all). Rows without retrieved text (LLaVA's
+   pretrain stage) are left out of the rank term; with none in the batch the term is
+   skipped, never NaN.
+5. ``step_end``: hooks removed, also when the forward raised.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ...capture import HiddenCapture
+from ...errors import LVLMSafetyError
+from ...markers import hookimpl
+from ..base import Method
+from ..layers import parse_layers
+from .config import Schedule, TGAConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ...adapters.base import ModelAdapter
+    from ...runtime import StepContext
+
+#: batch entries this plugin adds through ``collate``
+CAPTION_IDS = "tga_caption_input_ids"
+CAPTION_MASK = "tga_caption_attention_mask"
+RETRIEVED_MASK = "tga_retrieved_mask"
+#: field prepare_example writes: the exact text inserted into the prompt
+INSERTED = "tga_inserted_text"
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def schedule_factors(schedule: Schedule | str, progress: float) -> tuple[float, float]:
+    """(pair factor, rank factor) at ``progress`` = step / max_steps."""
+    name = schedule.name if isinstance(schedule, Schedule) else str(schedule)
+    r = min(max(float(progress), 0.0), 1.0)
+    if name == "paper":
+        return 1.0 - r, (1.0 - r) ** 2
+    if name == "constant":
+        return 1.0, 1.0
+    if name == "none":
+        return 0.0, 0.0
+    raise ValueError(f"unknown schedule {name!r}; valid: paper, constant, none")
+
+
+def tga_terms(
+    img: torch.Tensor,
+    cap: torch.Tensor,
+    ret: torch.Tensor | None = None,
+    *,
+    valid: torch.Tensor | None = None,
+    ret_valid: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The two unweighted TGA terms from pooled states of shape ``[layers, batch, hidden]``.
+
+    ``pair`` = mean over layers and valid rows of exp(-cos(img, cap));
+    ``rank`` = mean over layers and rows with retrieved text of
+    exp(cos(ret, cap) - cos(img, cap)). A term with no rows is left out.
+    """
+    cos_ic = F.cosine_similarity(img.float(), cap.float(), dim=-1)  # [L, B]
+    valid = torch.ones(cos_ic.shape[1], dtype=torch.bool, device=cos_ic.device) if valid is None else valid.to(cos_ic.device)
+    out: dict[str, torch.Tensor] = {}
+    if bool(valid.any()):
+        out["pair"] = torch.exp(-cos_ic[:, valid]).mean()
+        out["cos_img_cap"] = cos_ic[:, valid].detach().mean()
+    if ret is not None:
+        rv = valid if ret_valid is None else (ret_valid.to(cos_ic.device) & valid)
+        if bool(rv.any()):
+            cos_rc = F.cosine_similarity(ret.float(), cap.float(), dim=-1)
+            out["rank"] = torch.exp(cos_rc[:, rv] - cos_ic[:, rv]).mean()
+    return out
+
+
+def find_subsequence(row: Sequence[int], pattern: Sequence[int]) -> int:
+    """Start of the last occurrence of ``pattern`` in ``row``, or -1."""
+    n, m = len(row), len(pattern)
+    if m == 0 or m > n:
+        return -1
+    for start in range(n - m, -1, -1):
+        if list(row[start : start + m]) == list(pattern):
+            return start
+    return -1
+
+
+class TGA(Method):
+    """Text-guided alignment of image-token hidden states to caption hidden states."""
+
+    name = "tga"
+    kind = "loss"
+    config_class = TGAConfig
+    description = "TGA text-guided alignment loss (Xu et al., ICLR 2025, arXiv 2410.12662)"
+
+    def __init__(self, config: Any, runtime: Any = None) -> None:
+        super().__init__(config, runtime)
+        self._layers: list[int] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this method (the resolved layers)."""
+        return {"layers": self._layers}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        layers = state.get("layers")
+        self._layers = list(layers) if layers is not None else None
+
+    # -- layers ------------------------------------------------------------------
+
+    def layers(self, adapter: "ModelAdapter") -> list[int]:
+        """The layer ids the loss is computed at, resolved once per run."""
+        if self._layers is None:
+            spec = self.config.layers
+            if isinstance(spec, str) and spec.strip().lower() == "auto":
+                spec = self._layers_from_analysis(self.config.analysis)
+            self._layers = adapter.resolve_layers(parse_layers(spec))
+        return self._layers
+
+    @staticmethod
+    def _layers_from_analysis(path: str) -> list[int]:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise LVLMSafetyError(f"{path}: analysis file not found (write it with `lvlm-safety analyze`)") from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise LVLMSafetyError(f"{path}: cannot read the analysis file: {exc}") from None
+        layers = data.get("safety_layers") if isinstance(data, dict) else None
+        if not isinstance(layers, list) or not layers or not all(isinstance(x, int) for x in layers):
+            raise LVLMSafetyError(f"{path}: key 'safety_layers' must be a non-empty list of layer ids")
+        return layers
+
+    # -- data --------------------------------------------------------------------
+
+    def _retrieved_text(self, example: Mapping[str, Any]) -> str | None:
+        ret = example.get(self.config.retrieved_key)
+        if isinstance(ret, (list, tuple)):
+            ret = ret[0] if ret else None
+        if not isinstance(ret, str) or not ret.strip():
+            return None
+        cap = example.get(self.config.caption_key)
+        if isinstance(cap, str) and _norm(cap) == _norm(ret):
+            words = ret.split()
+            ret = " ".join(words[: max(1, len(words) // 2)])
+        return ret.strip()
+
+    def _insert(self, prompt: str, text: str) -> tuple[str, str]:
+        inserted = self.config.retrieved_template.format(text=text)
+        placeholder = self.config.image_placeholder
+        if placeholder in prompt:
+            i = prompt.index(placeholder)
+            return prompt[:i] + inserted + prompt[i:], inserted
+        return inserted + prompt, inserted
+
+    @hookimpl
+    def prepare_example(self, example: dict) -> dict | None:
+        """Insert the retrieved text before the image placeholder of the prompt (the
+        ``prompt`` field, or the first human turn of LLaVA ``conversations``)."""
+        ret = self._retrieved_text(example)
+        if ret is None:
+            return None
+        if "conversations" in example:
+            turns = [dict(t) for t in example["conversations"]]
+            for turn in turns:
+                if turn.get("from") == "human":
+                    turn["value"], inserted = self._insert(turn["value"], ret)
+                    break
+            else:
+                return None
+            return {"conversations": turns, INSERTED: inserted}
+        if isinstance(example.get("prompt"), str):
+            prompt, inserted = self._insert(example["prompt"], ret)
+            return {"prompt": prompt, INSERTED: inserted}
+        return None
+
+    def _tokenizer(self) -> Any:
+        tok = getattr(self.runtime, "tokenizer", None) if self.runtime is not None else None
+        if tok is None:
+            raise LVLMSafetyError(
+                "tga needs a tokenizer: the integration sets runtime.tokenizer (pass tokenizer=/processor= to it)"
+            )
+        return tok
+
+    @hookimpl
+    def collate(self, examples: Sequence[dict], batch: dict) -> dict[str, torch.Tensor] | None:
+        """Caption tokens for the teacher pass and the retrieved-text mask."""
+        tok = self._tokenizer()
+        captions = [e.get(self.config.caption_key) for e in examples]
+        captions = [c if isinstance(c, str) and c.strip() else "" for c in captions]
+        out: dict[str, torch.Tensor] = {}
+        if any(captions):
+            enc = tok(captions, padding=True, truncation=True, max_length=int(self.config.caption_max_length), return_tensors="pt")
+            mask = enc["attention_mask"].clone()
+            for i, c in enumerate(captions):
+                if not c:
+                    mask[i] = 0
+            out[CAPTION_IDS] = enc["input_ids"]
+            out[CAPTION_MASK] = mask
+        input_ids = batch.get("input_ids")
+        if input_ids is not None and any(e.get(INSERTED) for e in examples):
+            ret_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+            for i, e in enumerate(examples):
+                text = e.get(INSERTED)
+                if not text:
+                    continue
+                row = input_ids[i].tolist()
+                for variant in (text.strip(), text, " " + text.strip()):
+                    pattern = tok(variant, add_special_tokens=False)["input_ids"]
+                    start = find_subsequence(row, pattern)
+                    if start >= 0:
+                        ret_mask[i, start : start + len(pattern)] = True
+                        break
+            out[RETRIEVED_MASK] = ret_mask
+        return out or None
+
+    # -- training step -----------------------------------------------------------
+
+    @hookimpl
+    def before_forward(self, model: torch.nn.Module, batch: dict, ctx: "StepContext") -> None:
+        extras = ctx.scratch.get("extras", {})
+        if CAPTION_IDS not in extras:
+            return  # no captions in this batch: nothing to align to
+        adapter = ctx.runtime.adapter
+        layers = self.layers(adapter)
+        pooling = self.config.pooling.name
+        cap_ids, cap_mask = extras[CAPTION_IDS], extras[CAPTION_MASK]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), HiddenCapture(adapter, layers, {"cap": cap_mask.bool()}, pooling, detach=True) as cap:
+                model(input_ids=cap_ids, attention_mask=cap_mask.clamp(min=0))
+        finally:
+            model.train(was_training)
+        ctx.scratch["tga_cap"] = cap.stacked("cap")
+        layout = adapter.layout(batch)
+        masks = {"img": layout.image_mask}
+        if RETRIEVED_MASK in extras:
+            masks["ret"] = layout.map_token_mask(extras[RETRIEVED_MASK].to(layout.image_mask.device))
+        ctx.scratch["tga_valid"] = cap_mask.bool().any(dim=1).to(layout.image_mask.device) & layout.image_mask.any(dim=1)
+        capture = HiddenCapture(adapter, layers, masks, pooling)
+        ctx.scratch["tga_capture"] = capture.__enter__()
+
+    @hookimpl
+    def loss_terms(self, model: torch.nn.Module, batch: dict, outputs: Any, ctx: "StepContext") -> dict[str, torch.Tensor] | None:
+        capture: HiddenCapture | None = ctx.scratch.pop("tga_capture", None)
+        if capture is None:
+            return None
+        capture.remove()
+        img = capture.stacked("img")
+        ret = capture.stacked("ret") if "ret" in capture.masks else None
+        ret_valid = capture.masks["ret"].any(dim=1) if "ret" in capture.masks else None
+        raw = tga_terms(img, ctx.scratch["tga_cap"].to(img.device), ret, valid=ctx.scratch["tga_valid"], ret_valid=ret_valid)
+        a, b = schedule_factors(self.config.schedule, ctx.progress)
+        ctx.metrics["tga/schedule"] = a
+        if "cos_img_cap" in raw:
+            ctx.metrics["tga/cos_img_cap"] = float(raw["cos_img_cap"])
+        terms: dict[str, torch.Tensor] = {}
+        if "pair" in raw:
+            terms["tga/pair"] = float(self.config.pair_weight) * a * raw["pair"]
+        if "rank" in raw:
+            terms["tga/rank"] = float(self.config.rank_weight) * b * raw["rank"]
+        return terms
+
+    @hookimpl
+    def step_end(self, model: torch.nn.Module, ctx: "StepContext") -> None:
+        capture = ctx.scratch.pop("tga_capture", None)
+        if capture is not None:
+            capture.remove()
+        ctx.scratch.pop("tga_cap", None)
+        ctx.scratch.pop("tga_valid", None)
+
+
+__all__ = ["TGA", "find_subsequence", "schedule_factors", "tga_terms"]
