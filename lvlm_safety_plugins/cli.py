@@ -118,7 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: functions that add further subcommands (kept apart so each command lives with its code)
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+def _analyze(sub: Any) -> None:
+    from .analysis_cli import add_analyze_command
+
+    add_analyze_command(sub)
+
+
+_EXTRA_COMMANDS: list[Callable[[Any], None]] = [_analyze]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

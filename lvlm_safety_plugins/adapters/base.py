@@ -187,6 +187,32 @@ class ModelAdapter:
             f"{type(self.model).__name__}: no projector found at any of {', '.join(self.projector_paths)}"
         )
 
+    final_norm_paths: ClassVar[tuple[str, ...]] = (
+        "model.language_model.norm",
+        "language_model.model.norm",
+        "model.norm",
+        "language_model.norm",
+    )
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The LLM's final normalisation before the LM head (for the logit lens)."""
+        for path in self.final_norm_paths:
+            module = get_path(self.model, path)
+            if isinstance(module, nn.Module):
+                return module
+        raise UnsupportedModelError(
+            f"{type(self.model).__name__}: no final norm found at any of {', '.join(self.final_norm_paths)}"
+        )
+
+    @property
+    def lm_head(self) -> nn.Module:
+        """The output projection to the vocabulary."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if not isinstance(head, nn.Module):
+            raise UnsupportedModelError(f"{type(self.model).__name__}: no output embeddings (LM head)")
+        return head
+
     @property
     def image_token_id(self) -> int:
         cfg = self.model.config

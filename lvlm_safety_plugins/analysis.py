@@ -1,0 +1,237 @@
+"""Safety-layer analysis: where does the LLM's safety mechanism switch on, and how far
+are image tokens from their captions there?
+
+Per decoder layer:
+
+- **refusal probability (logit lens)**: on harmful *text* prompts, the hidden state of
+  the last prompt token at layer l is put through the final norm and the LM head; the
+  probability mass on refusal tokens (first tokens of configurable words such as
+  "sorry", "cannot", found through the tokenizer, never hard-coded ids) is averaged
+  over prompts. The layers where it rises are where the text safety mechanism acts.
+- **image-caption similarity**: cosine similarity between the mean hidden state of an
+  image's tokens and the mean hidden state of its caption in a text-only pass.
+
+``safety_layers`` (the input of ``tga: {layers: auto}``): from the first layer whose
+refusal probability reaches half of its peak, through the peak layer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import get_adapter
+from .capture import HiddenCapture
+from .fileio import atomic_output_path, atomic_write_text
+
+DEFAULT_REFUSAL_WORDS = ("sorry", "Sorry", "cannot", "unable", "apologize", "I'm", "not", "can't")
+
+
+@dataclass
+class SafetyAnalysis:
+    """The result of :func:`analyze`; ``to_json`` is what ``layers: auto`` reads."""
+
+    model_class: str
+    num_layers: int
+    refusal_words: list[str]
+    refusal_token_ids: list[int]
+    refusal_prob: list[float]
+    image_caption_cos: list[float] | None
+    safety_layers: list[int]
+    n_harmful: int
+    n_pairs: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def refusal_token_ids(tokenizer: Any, words: Iterable[str] = DEFAULT_REFUSAL_WORDS) -> list[int]:
+    """The first token of each refusal word, as it starts a response (with and without
+    a leading space), de-duplicated; unknown-token ids are dropped."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    found: list[int] = []
+    for word in words:
+        for variant in (word, " " + word):
+            ids = tokenizer(variant, add_special_tokens=False)["input_ids"]
+            if ids and ids[0] != unk and ids[0] not in found:
+                found.append(int(ids[0]))
+    return found
+
+
+def locate_safety_layers(refusal_prob: Sequence[float]) -> list[int]:
+    """From the first layer reaching half of the peak refusal probability through the
+    peak layer (all layers when the curve is flat at zero)."""
+    if not refusal_prob:
+        return []
+    peak = max(range(len(refusal_prob)), key=lambda i: refusal_prob[i])
+    top = refusal_prob[peak]
+    if top <= 0:
+        return list(range(len(refusal_prob)))
+    start = next(i for i, p in enumerate(refusal_prob) if p >= 0.5 * top)
+    return list(range(start, peak + 1))
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+@torch.no_grad()
+def logit_lens_refusal(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    token_ids: Sequence[int],
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[float]:
+    """Mean probability of ``token_ids`` at the last prompt token, per layer."""
+    adapter = get_adapter(model)
+    head, norm = adapter.lm_head, adapter.final_norm
+    ids = torch.tensor(list(token_ids), dtype=torch.long)
+    totals = torch.zeros(adapter.num_layers, dtype=torch.float64)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for chunk in tqdm(list(_batches(prompts, batch_size)), desc="logit lens", disable=not progress):
+            enc = tokenizer(list(chunk), padding=True, return_tensors="pt")
+            device = next(model.parameters()).device
+            enc = {k: v.to(device) for k, v in enc.items()}
+            with HiddenCapture(adapter, None, {"last": enc["attention_mask"].bool()}, "last", detach=True) as cap:
+                model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            states = cap.stacked("last")  # [L, B, H]
+            probs = torch.softmax(head(norm(states)).float(), dim=-1)[..., ids.to(states.device)].sum(-1)  # [L, B]
+            totals += probs.sum(dim=1).double().cpu()
+    finally:
+        tokenizer.padding_side = side
+    return (totals / max(1, len(prompts))).tolist()
+
+
+@torch.no_grad()
+def image_caption_similarity(
+    model: torch.nn.Module,
+    processor: Any,
+    pairs: Sequence[dict[str, Any]],
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[float]:
+    """Mean cosine similarity per layer between an image's tokens and its caption.
+
+    ``pairs``: dicts with ``image`` (PIL image), ``caption`` and ``prompt`` (the text
+    that carries the image placeholder, e.g. ``"USER: <image> ASSISTANT:"``).
+    """
+    adapter = get_adapter(model)
+    tok = processor.tokenizer
+    totals = torch.zeros(adapter.num_layers, dtype=torch.float64)
+    count = 0
+    device = next(model.parameters()).device
+    for chunk in tqdm(list(_batches(pairs, batch_size)), desc="image-caption similarity", disable=not progress):
+        batch = processor(text=[p["prompt"] for p in chunk], images=[p["image"] for p in chunk], return_tensors="pt", padding=True)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with HiddenCapture(adapter, None, {"img": adapter.layout(batch).image_mask}, detach=True) as img:
+            model(**batch)
+        caps = tok([p["caption"] for p in chunk], return_tensors="pt", padding=True)
+        caps = {k: v.to(device) for k, v in caps.items()}
+        with HiddenCapture(adapter, None, {"cap": caps["attention_mask"].bool()}, detach=True) as cap:
+            model(**caps)
+        cos = torch.nn.functional.cosine_similarity(img.stacked("img").float(), cap.stacked("cap").float(), dim=-1)
+        totals += cos.sum(dim=1).double().cpu()
+        count += len(chunk)
+    return (totals / max(1, count)).tolist()
+
+
+def analyze(
+    model: torch.nn.Module,
+    processor: Any,
+    harmful_prompts: Sequence[str],
+    pairs: Sequence[dict[str, Any]] = (),
+    *,
+    refusal_words: Sequence[str] = DEFAULT_REFUSAL_WORDS,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> SafetyAnalysis:
+    """Run both measurements and locate the safety layers."""
+    if not harmful_prompts:
+        raise ValueError("analyze needs at least one harmful text prompt")
+    tok = getattr(processor, "tokenizer", processor)
+    ids = refusal_token_ids(tok, refusal_words)
+    notes = []
+    if not ids:
+        raise ValueError(f"none of the refusal words {list(refusal_words)} is a known token of this tokenizer")
+    was_training = model.training
+    model.eval()
+    try:
+        refusal = logit_lens_refusal(model, tok, harmful_prompts, ids, batch_size=batch_size, progress=progress)
+        cos = image_caption_similarity(model, processor, pairs, batch_size=batch_size, progress=progress) if pairs else None
+    finally:
+        model.train(was_training)
+    if not pairs:
+        notes.append("no image-caption pairs given: image_caption_cos not measured")
+    adapter = get_adapter(model)
+    return SafetyAnalysis(
+        model_class=type(model).__name__,
+        num_layers=adapter.num_layers,
+        refusal_words=list(refusal_words),
+        refusal_token_ids=ids,
+        refusal_prob=refusal,
+        image_caption_cos=cos,
+        safety_layers=locate_safety_layers(refusal),
+        n_harmful=len(harmful_prompts),
+        n_pairs=len(pairs),
+        notes=notes,
+    )
+
+
+def write_report(result: SafetyAnalysis, out_dir: str | Path) -> dict[str, str]:
+    """Write ``analysis.json`` and (with matplotlib) ``analysis.png``; atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {"json": str(out / "analysis.json")}
+    atomic_write_text(out / "analysis.json", result.to_json())
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    layers = list(range(result.num_layers))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(layers, result.refusal_prob, marker="o", label="refusal-token probability (logit lens, harmful text)")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("probability")
+    if result.safety_layers:
+        ax.axvspan(min(result.safety_layers) - 0.5, max(result.safety_layers) + 0.5, alpha=0.15, label="safety layers")
+    if result.image_caption_cos is not None:
+        ax2 = ax.twinx()
+        ax2.plot(layers, result.image_caption_cos, marker="s", color="tab:orange", label="cos(image tokens, caption)")
+        ax2.set_ylabel("cosine similarity")
+        ax2.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    ax.set_title(f"{result.model_class}: where safety acts")
+    fig.tight_layout()
+    with atomic_output_path(out / "analysis.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    written["png"] = str(out / "analysis.png")
+    return written
+
+
+__all__ = [
+    "DEFAULT_REFUSAL_WORDS",
+    "SafetyAnalysis",
+    "analyze",
+    "image_caption_similarity",
+    "locate_safety_layers",
+    "logit_lens_refusal",
+    "refusal_token_ids",
+    "write_report",
+]

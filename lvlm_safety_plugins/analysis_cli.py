@@ -1,0 +1,55 @@
+"""``lvlm-safety analyze``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis import analyze, write_report
+    from .loading import load_model_and_processor, open_image, read_records
+
+    model, processor = load_model_and_processor(args.model, args.device)
+    harmful = [args.template.format(prompt=r["prompt"]) for r in read_records(args.harmful, ("prompt",))]
+    pairs = []
+    if args.pairs:
+        folder = Path(args.image_folder) if args.image_folder else Path(args.pairs).parent
+        for i, row in enumerate(read_records(args.pairs, ("image", "caption"))):
+            where = f"{args.pairs}: row {i} (id {row.get('id', i)!r})"
+            pairs.append({
+                "image": open_image(folder / row["image"], where),
+                "caption": row["caption"],
+                "prompt": row.get("prompt") or args.image_prompt,
+            })
+    words = [w.strip() for w in args.refusal_words.split(",") if w.strip()] if args.refusal_words else None
+    kwargs: dict[str, Any] = {"batch_size": args.batch_size}
+    if words:
+        kwargs["refusal_words"] = words
+    result = analyze(model, processor, harmful, pairs, **kwargs)
+    written = write_report(result, args.out)
+    print(f"{'layer':>5}  {'refusal p':>10}  {'cos(img,cap)':>12}")
+    for layer, p in enumerate(result.refusal_prob):
+        cos = f"{result.image_caption_cos[layer]:12.4f}" if result.image_caption_cos else f"{'-':>12}"
+        mark = "  <- safety layer" if layer in result.safety_layers else ""
+        print(f"{layer:>5}  {p:10.4f}  {cos}{mark}")
+    print(f"safety layers: {result.safety_layers}")
+    for kind, path in written.items():
+        print(f"wrote {kind}: {path}")
+    return 0
+
+
+def add_analyze_command(sub: Any) -> None:
+    p = sub.add_parser("analyze", help="locate the safety layers (logit lens) and image-caption similarity per layer")
+    p.add_argument("--model", required=True, help="local model folder")
+    p.add_argument("--harmful", required=True, help="harmful text prompts: .txt (one a line), .jsonl or .json with 'prompt'")
+    p.add_argument("--pairs", help="image-caption pairs: .jsonl/.json with 'image' (path) and 'caption'")
+    p.add_argument("--image-folder", help="folder image paths are relative to (default: the pairs file's folder)")
+    p.add_argument("--template", default="USER: {prompt} ASSISTANT:", help="prompt template for the harmful prompts")
+    p.add_argument("--image-prompt", default="USER: <image> ASSISTANT:", help="prompt carrying the image for the pairs")
+    p.add_argument("--refusal-words", help="comma-separated refusal words (default: sorry, cannot, unable, ...)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="output folder for analysis.json and analysis.png")
+    p.set_defaults(func=cmd_analyze)
