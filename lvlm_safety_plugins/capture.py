@@ -26,6 +26,10 @@ if TYPE_CHECKING:  # pragma: no cover
 POOLINGS = ("mean", "last")
 
 
+class _StopForward(Exception):
+    """Raised by a capture hook to end a forward early (see :meth:`HiddenCapture.run`)."""
+
+
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch.Tensor:
     """Pool ``hidden [B, L, H]`` over the True positions of ``mask [B, L]``.
 
@@ -85,6 +89,7 @@ class HiddenCapture:
         self.on_mismatch = on_mismatch
         self.pooled: dict[str, dict[int, torch.Tensor]] = {}
         self._handles: list[Any] = []
+        self._stop_after: int | None = None
         if masks:
             self.set_masks(masks)
 
@@ -114,8 +119,25 @@ class HiddenCapture:
                     )
                 pooled = pool(hidden, mask, self.pooling)
                 self.pooled[name][layer] = pooled.detach() if self.detach else pooled
+            if self._stop_after is not None and layer == self._stop_after:
+                raise _StopForward
 
         return hook
+
+    def run(self, model: torch.nn.Module, **inputs: Any) -> None:
+        """Run ``model(**inputs)`` only as far as the last captured layer.
+
+        For teacher passes whose output is not needed (TGA's caption pass, the
+        logit lens): the layers after the deepest captured one and the LM head never
+        run. Call it inside the ``with`` block; the model is left as it was.
+        """
+        self._stop_after = max(self.layers)
+        try:
+            model(**inputs, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            self._stop_after = None
 
     def __enter__(self) -> "HiddenCapture":
         layers = self.adapter.decoder_layers

@@ -99,3 +99,23 @@ def test_pool_empty_rows_are_zero():
         assert torch.equal(out[1], torch.zeros(3))
     torch.testing.assert_close(pool(h, m, "mean")[0], (h[0, 0] + h[0, 2]) / 2)
     torch.testing.assert_close(pool(h, m, "last")[0], h[0, 2])
+
+
+def test_run_stops_after_the_deepest_captured_layer(tiny_llava, tiny_llava_processor):
+    adapter = get_adapter(tiny_llava)
+    batch = tiny_llava_batch(tiny_llava_processor)
+    mask = adapter.layout(batch).attention_mask
+    ran = []
+    handles = [layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, layer in enumerate(adapter.decoder_layers)]
+    try:
+        with torch.no_grad():
+            with HiddenCapture(adapter, [0, 1], {"all": mask}, detach=True) as early:
+                early.run(tiny_llava, **batch)
+            assert ran == [0, 1]  # layers 2 and 3 never ran
+            with HiddenCapture(adapter, [0, 1], {"all": mask}, detach=True) as full:
+                tiny_llava(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    for layer in (0, 1):
+        torch.testing.assert_close(early.pooled["all"][layer], full.pooled["all"][layer])

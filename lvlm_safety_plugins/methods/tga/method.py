@@ -246,7 +246,8 @@ class TGA(Method):
         model.eval()
         try:
             with torch.no_grad(), HiddenCapture(adapter, layers, {"cap": cap_mask.bool()}, pooling, detach=True) as cap:
-                model(input_ids=cap_ids, attention_mask=cap_mask.clamp(min=0))
+                # stops after the deepest TGA layer: later layers and the LM head never run
+                cap.run(model, input_ids=cap_ids, attention_mask=cap_mask.clamp(min=0))
         finally:
             model.train(was_training)
         ctx.scratch["tga_cap"] = cap.stacked("cap")
