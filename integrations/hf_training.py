@@ -142,8 +142,10 @@ class SafetyTrainerMixin:
     """Adds a recipe's loss terms to any ``transformers.Trainer`` subclass.
 
     Extra constructor arguments: ``recipe`` (a :class:`Recipe`, its name or path, a
-    mapping, or a :class:`Runtime`), ``recipe_overrides``, ``processor`` /
-    ``tokenizer`` (for plugins that tokenize).
+    mapping, or a :class:`Runtime`), ``recipe_overrides``, ``processor`` (for plugins
+    that tokenize; default: the Trainer's own tokenizer / processing class) and
+    ``wrap_collator`` (False when the host's dataset and collator already call the
+    plugins, as the LLaVA integration's do).
     """
 
     def __init__(
@@ -152,15 +154,18 @@ class SafetyTrainerMixin:
         recipe: Recipe | Runtime | str | Mapping[str, Any],
         recipe_overrides: Sequence[str] = (),
         processor: Any = None,
-        tokenizer: Any = None,
+        wrap_collator: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        host_tok = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
+        tokenizer = getattr(processor, "tokenizer", None) or getattr(host_tok, "tokenizer", None) or host_tok
         self.safety = _as_runtime(recipe, recipe_overrides, processor=processor, tokenizer=tokenizer)
         self.safety.bind(self.model)  # type: ignore[attr-defined]
         # plugin fields (captions, retrieved text) must reach the collator
         self.args.remove_unused_columns = False  # type: ignore[attr-defined]
-        self.data_collator = SafetyCollator(self.data_collator, self.safety)  # type: ignore[attr-defined,has-type]
+        if wrap_collator:
+            self.data_collator = SafetyCollator(self.data_collator, self.safety)  # type: ignore[attr-defined,has-type]
         self._lvlm_sums: dict[str, float] = {}
         self._lvlm_counts: dict[str, int] = {}
 

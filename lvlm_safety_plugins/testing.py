@@ -196,6 +196,82 @@ def build_tiny_llava_package_model(vision_tower: str | os.PathLike[str] | None =
     return model.eval()
 
 
+def train_tiny_sentencepiece(folder: str | os.PathLike[str], extra_text: Sequence[str] = ()) -> str:
+    """Train a tiny sentencepiece model (as a Llama tokenizer uses) on a generated
+    corpus and save a slow ``LlamaTokenizer`` in ``folder``; returns the folder.
+
+    LLaVA's training script loads its tokenizer with ``use_fast=False`` and its
+    conversation preprocessing assumes Llama's sentencepiece behaviour, so a real
+    sentencepiece model is needed (needs the ``sentencepiece`` package)."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    lines = [" ".join(TINY_WORDS), *extra_text]
+    lines += [
+        "A chat between a curious user and an artificial intelligence assistant.",
+        "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+        "USER: what is in the image? ASSISTANT: a picture of a red flower.",
+        "Retrieved Text: a blue dog on a bike. Describe this picture please.",
+    ]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines * 20), model_writer=model, vocab_size=400, model_type="bpe",
+        character_coverage=1.0, byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        hard_vocab_limit=False, minloglevel=2,
+    )
+    path = os.path.join(folder, "tokenizer.model")
+    with open(path, "wb") as fh:
+        fh.write(model.getvalue())
+    LlamaTokenizer(vocab_file=path, legacy=True).save_pretrained(folder)
+    return folder
+
+
+def write_llava_training_assets(folder: str | os.PathLike[str], n_records: int = 4, seed: int = 0) -> dict[str, str]:
+    """Everything a real ``llava.train.train.train()`` run needs, offline: a tiny Llama
+    checkpoint with a sentencepiece tokenizer, a tiny CLIP vision tower, images, and a
+    LLaVA-format JSON (with ``image_caption`` and ``retrieved_caption`` fields)."""
+    import json
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    root = os.fspath(folder)
+    llm = os.path.join(root, "llm")
+    train_tiny_sentencepiece(llm)
+    tok = LlamaTokenizer.from_pretrained(llm)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok) + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None)
+    LlamaForCausalLM(cfg).save_pretrained(llm, safe_serialization=True)
+    tower = save_tiny_clip_vision_tower(os.path.join(root, "clip"), seed=seed)
+    images = os.path.join(root, "images")
+    os.makedirs(images, exist_ok=True)
+    words = ["flower", "cake", "dog", "cat", "bike", "soup"]
+    records = []
+    for i in range(n_records):
+        make_image(seed + i).save(os.path.join(images, f"{i}.png"))
+        w, other = words[i % len(words)], words[(i + 1) % len(words)]
+        records.append({
+            "id": f"rec{i}",
+            "image": f"{i}.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nDescribe this picture please."},
+                {"from": "gpt", "value": f"a picture of a red {w}."},
+            ],
+            "image_caption": f"a picture of a red {w}",
+            "retrieved_caption": f"a blue {other} on a bike",
+        })
+    data = os.path.join(root, "data.json")
+    with open(data, "w", encoding="utf-8") as fh:
+        json.dump(records, fh, indent=1)
+    return {"model": llm, "vision_tower": tower, "image_folder": images, "data": data}
+
+
 # ---------------------------------------------------------------------------
 # pytest fixtures (pytest11 entry point); pytest is only imported when it is running
 # ---------------------------------------------------------------------------
