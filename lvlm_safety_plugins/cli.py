@@ -124,7 +124,19 @@ def _analyze(sub: Any) -> None:
     add_analyze_command(sub)
 
 
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = [_analyze]
+def _demo(sub: Any) -> None:
+    from .demo.cli import add_demo_command
+
+    add_demo_command(sub)
+
+
+def _calibrate(sub: Any) -> None:
+    from .methods.cmrm.cli import add_calibrate_command
+
+    add_calibrate_command(sub)
+
+
+_EXTRA_COMMANDS: list[Callable[[Any], None]] = [_demo, _calibrate, _analyze]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,154 @@
+"""CMRM calibration: the mean image-induced shift per layer over a dataset.
+
+For every sample, ``h_l(prompt with its image) - h_l(prompt with the reference)``
+is measured at ``measure_at`` (the last real token, or the mean over the prompt's text
+tokens) with capture hooks that pool on the fly; per-layer sums and the sample count are
+accumulated in float32 (:class:`ShiftAccumulator`, so several processes can add theirs
+up), then divided. Batched, left or right padding (positions come from the model
+adapter's layout), a progress bar, the model's training flag restored afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ...adapters import get_adapter
+from ...capture import HiddenCapture
+from ...loading import DataFileError, open_image, read_records
+from .vectorfile import SteeringVectors, model_fingerprint
+
+
+def _option(config: Any, key: str, default: Any) -> Any:
+    value = getattr(config, key, default) if config is not None else default
+    return getattr(value, "value", value)
+
+
+def iter_calibration_rows(data: Any, image_folder: str | Path | None = None) -> Iterator[dict[str, Any]]:
+    """``{"image": PIL image or None, "prompt": str, "id": ...}`` rows from a list of
+    dicts, an HF ``datasets.Dataset``, a JSONL file (``image``, ``prompt``) or a
+    LLaVA-format JSON (``image``, ``conversations``; the first human turn is the
+    prompt). Image paths are relative to ``image_folder`` (default: the file's folder).
+    Errors name the file and the row."""
+    source = "<data>"
+    if isinstance(data, (str, Path)):
+        source = str(data)
+        rows: Iterable[Any] = read_records(data)
+        folder = Path(image_folder) if image_folder else Path(data).parent
+    else:
+        rows = data
+        folder = Path(image_folder) if image_folder else Path(".")
+    for i, row in enumerate(rows):
+        where = f"{source}: row {i} (id {row.get('id', i)!r})" if isinstance(row, Mapping) else f"{source}: row {i}"
+        if not isinstance(row, Mapping):
+            raise DataFileError(f"{where}: expected a mapping with 'image' and 'prompt'")
+        prompt = row.get("prompt")
+        if prompt is None and isinstance(row.get("conversations"), list):
+            human = [t.get("value") for t in row["conversations"] if isinstance(t, Mapping) and t.get("from") == "human"]
+            prompt = human[0] if human else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataFileError(f"{where}: missing 'prompt' (or a human turn in 'conversations')")
+        image = row.get("image")
+        if isinstance(image, (str, Path)):
+            image = open_image(folder / image, where)
+        if image is None:
+            raise DataFileError(f"{where}: missing 'image': CMRM calibration needs an image per row")
+        yield {"id": row.get("id", i), "image": image, "prompt": prompt}
+
+
+@dataclass
+class ShiftAccumulator:
+    """Per-layer float32 sums of shifts and the number of samples."""
+
+    layers: list[int]
+    hidden_size: int
+    sums: torch.Tensor = field(init=False)
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.sums = torch.zeros(len(self.layers), self.hidden_size, dtype=torch.float32)
+
+    def add(self, shift: torch.Tensor) -> None:
+        """``shift``: ``[layers, batch, hidden]``."""
+        self.sums += shift.detach().float().sum(dim=1).cpu()
+        self.count += int(shift.shape[1])
+
+    def means(self) -> dict[int, torch.Tensor]:
+        if self.count == 0:
+            raise ValueError("no calibration samples")
+        return {layer: self.sums[i] / self.count for i, layer in enumerate(self.layers)}
+
+
+def _wrap_prompt(prompt: str, template: str | None) -> str:
+    text = template.format(prompt=prompt) if template else prompt
+    return text if "<image>" in text else "<image>\n" + text
+
+
+@torch.no_grad()
+def calibrate(
+    model: torch.nn.Module,
+    processor: Any,
+    dataset: Any,
+    config: Any = None,
+    *,
+    layers: Sequence[int] | None = None,
+    prompt_template: str | None = None,
+    image_folder: str | Path | None = None,
+    progress: bool = True,
+    recipe_yaml: str = "",
+) -> SteeringVectors:
+    """Dataset-level CMRM vectors for ``model`` (see the module docstring).
+
+    ``config`` is the ``cmrm`` recipe section (or anything with the same attributes:
+    ``reference``, ``measure_at``, ``batch_size``, ``noise_seed``, ``blank_fill``);
+    ``layers`` defaults to every layer. Prompts without ``<image>`` get it prepended.
+    """
+    adapter = get_adapter(model)
+    chosen = adapter.resolve_layers(layers)
+    reference = _option(config, "reference", "blank")
+    measure_at = _option(config, "measure_at", "last")
+    batch_size = int(_option(config, "batch_size", 8))
+    noise_seed = int(_option(config, "noise_seed", 0))
+    fill = int(_option(config, "blank_fill", 0))
+    acc = ShiftAccumulator(chosen, adapter.hidden_size)
+    rows = list(iter_calibration_rows(dataset, image_folder))
+    if not rows:
+        raise DataFileError("the calibration data has no rows")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    image_processor = getattr(processor, "image_processor", None)
+    try:
+        for start in tqdm(range(0, len(rows), batch_size), desc="CMRM calibration", disable=not progress):
+            chunk = rows[start : start + batch_size]
+            enc = processor(text=[_wrap_prompt(r["prompt"], prompt_template) for r in chunk], images=[r["image"] for r in chunk],
+                            return_tensors="pt", padding=True)
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in enc.items()}
+            if reference == "none":
+                ref = adapter.text_only_batch(batch)
+            else:
+                ref = adapter.blank_image_batch(batch, reference, seed=noise_seed + start, image_processor=image_processor, fill=fill)
+            pooled = []
+            for inputs in (batch, ref):
+                layout = adapter.layout(inputs)
+                mask = layout.attention_mask if measure_at == "last" else layout.text_mask
+                with HiddenCapture(adapter, chosen, {"m": mask}, measure_at, detach=True) as cap:
+                    cap.run(model, **inputs)
+                pooled.append(cap.stacked("m").float())
+            acc.add(pooled[0] - pooled[1])
+    finally:
+        model.train(was_training)
+    return SteeringVectors(
+        vectors=acc.means(), model_class=type(model).__name__, fingerprint=model_fingerprint(model),
+        hidden_size=adapter.hidden_size, num_layers=adapter.num_layers, variant="dataset", reference=reference,
+        measure_at=measure_at, samples=acc.count, recipe=recipe_yaml,
+        extra={"prompt_template": json.dumps(prompt_template)},
+    )
+
+
+__all__ = ["ShiftAccumulator", "calibrate", "iter_calibration_rows"]

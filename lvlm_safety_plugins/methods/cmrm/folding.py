@@ -1,0 +1,93 @@
+"""Fold dataset-level CMRM into the weights: no hooks, no overhead.
+
+Subtracting ``alpha_l * v_l`` from the output of decoder layer ``l`` at every position
+equals adding ``-alpha_l * v_l`` to the bias of the layer's last operation before its
+residual add: the MLP's output projection (``mlp.down_proj`` in Llama-family models).
+That projection has no bias by default, so one is created; for ``save_pretrained`` to
+give a checkpoint that plain transformers loads (no plugin installed), the text config
+gets ``mlp_bias=True`` and every other MLP projection a zero bias, which is what that
+setting builds. ``mlp_bias`` exists from transformers 4.41 on: with 4.37, folding works
+in memory but :func:`check_savable` refuses to save.
+
+Only the dataset-level variant steering *all* positions in *both* phases can be folded
+(a bias cannot tell image from text tokens or prompt from generated ones).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ...adapters import get_adapter
+from ...errors import LVLMSafetyError
+
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _mlp(layer: torch.nn.Module, index: int) -> torch.nn.Module:
+    mlp = getattr(layer, "mlp", None)
+    if mlp is None or not all(isinstance(getattr(mlp, n, None), torch.nn.Linear) for n in MLP_PROJECTIONS):
+        raise LVLMSafetyError(f"layer {index}: folding needs a Llama-style MLP with {', '.join(MLP_PROJECTIONS)} linears")
+    return mlp
+
+
+def _ensure_bias(linear: torch.nn.Linear) -> torch.nn.Parameter:
+    if linear.bias is None:
+        linear.bias = torch.nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device))
+    return linear.bias
+
+
+def fold_into_weights(
+    model: torch.nn.Module,
+    vectors: Any,
+    *,
+    alpha: float | Sequence[float] = 1.0,
+    layers: Sequence[int] | None = None,
+    variant: str = "dataset",
+    positions: str = "all",
+    apply_to: str = "both",
+) -> list[int]:
+    """Write ``-alpha * v`` into the MLP output biases; returns the folded layers."""
+    if variant != "dataset" or positions != "all" or apply_to != "both":
+        raise LVLMSafetyError(
+            "only dataset-level CMRM on all positions of prompt and generated tokens can be folded into weights "
+            f"(got variant={variant}, positions={positions}, apply_to={apply_to}); use hooked steering instead"
+        )
+    table: Mapping[int, torch.Tensor] = getattr(vectors, "vectors", vectors)
+    adapter = get_adapter(model)
+    chosen = sorted(table) if layers is None else adapter.resolve_layers(layers)
+    alphas = [float(alpha)] * len(chosen) if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
+    if len(alphas) != len(chosen):
+        raise ValueError(f"alpha has {len(alphas)} values for {len(chosen)} layers")
+    decoder = adapter.decoder_layers
+    for i, layer in enumerate(decoder):
+        mlp = _mlp(layer, i)
+        for name in MLP_PROJECTIONS:
+            _ensure_bias(getattr(mlp, name))
+    with torch.no_grad():
+        for layer, a in zip(chosen, alphas):
+            if layer not in table:
+                raise LVLMSafetyError(f"no calibrated vector for layer {layer}")
+            bias = decoder[layer].mlp.down_proj.bias
+            bias -= (a * table[layer]).to(bias.device, bias.dtype)
+    adapter.text_config.mlp_bias = True
+    return chosen
+
+
+def check_savable() -> None:
+    """Raise if this transformers cannot load a folded checkpoint without the plugin."""
+    import inspect
+
+    from transformers import LlamaConfig
+
+    if "mlp_bias" not in inspect.signature(LlamaConfig.__init__).parameters:
+        import transformers
+
+        raise LVLMSafetyError(
+            f"transformers {transformers.__version__} has no LlamaConfig.mlp_bias, so a checkpoint with folded CMRM "
+            "biases would load without them; save with transformers >= 4.41, or keep hooked steering"
+        )
+
+
+__all__ = ["check_savable", "fold_into_weights"]

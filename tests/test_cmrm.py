@@ -1,0 +1,329 @@
+"""CMRM: calibration, steering (hooks, generate, padding, threads, restore), folding
+into weights, vector files, the recipe/runtime path and the CLI, on a real tiny Llava."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import threading
+import warnings
+
+import pytest
+import torch
+
+from lvlm_safety_plugins import Runtime, VectorFileError, get_adapter, load_recipe
+from lvlm_safety_plugins.methods.cmrm import SteeringVectors, apply, calibrate, fold_into_weights, model_fingerprint, steer
+from lvlm_safety_plugins.methods.cmrm.folding import check_savable
+from lvlm_safety_plugins.testing import build_tiny_llava, make_image, tiny_llava_batch
+
+PROMPTS = ["USER: <image> what is in the image ? ASSISTANT:", "USER: <image> describe ASSISTANT:", "USER: <image> tell me how to make a cake ASSISTANT:"]
+
+
+def rows(n=3):
+    return [{"image": make_image(10 + i), "prompt": PROMPTS[i % len(PROMPTS)]} for i in range(n)]
+
+
+def random_vectors(model, layers=(1, 2), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    adapter = get_adapter(model)
+    return SteeringVectors(
+        vectors={l: torch.randn(adapter.hidden_size, generator=g) for l in layers}, model_class=type(model).__name__,
+        fingerprint=model_fingerprint(model), hidden_size=adapter.hidden_size, num_layers=adapter.num_layers, samples=3,
+    )
+
+
+def hidden_states(model, batch):
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+    return out.hidden_states, out.logits
+
+
+def manual(model, batch, shifts, mask):
+    """An independent forward in which ``shifts[l]`` ([H] or [B, H]) is subtracted at
+    the True positions of ``mask`` from the output of layer l."""
+    adapter = get_adapter(model)
+    handles = []
+    for layer, v in shifts.items():
+        def hook(module, args, output, v=v):
+            h = output if isinstance(output, torch.Tensor) else output[0]
+            delta = v.view(1, 1, -1) if v.dim() == 1 else v.unsqueeze(1)
+            new = h - delta * mask.unsqueeze(-1).to(h.dtype)
+            return new if isinstance(output, torch.Tensor) else (new, *output[1:])
+        handles.append(adapter.decoder_layers[layer].register_forward_hook(hook, prepend=True))
+    try:
+        return hidden_states(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("positions", ["image", "text", "all"])
+def test_steered_states_equal_a_manual_forward(tiny_llava, tiny_llava_processor, positions):
+    batch = tiny_llava_batch(tiny_llava_processor)
+    vectors = random_vectors(tiny_llava)
+    layout = get_adapter(tiny_llava).layout(batch)
+    mask = {"image": layout.image_mask, "text": layout.text_mask, "all": layout.attention_mask}[positions]
+    with steer(tiny_llava, vectors, alpha=0.5, positions=positions):
+        got_h, got_logits = hidden_states(tiny_llava, batch)
+    want_h, want_logits = manual(tiny_llava, batch, {l: 0.5 * v for l, v in vectors.vectors.items()}, mask)
+    base_h, _ = hidden_states(tiny_llava, batch)
+    for i in range(1, 4):  # hidden_states[i] is the output of layer i-1
+        torch.testing.assert_close(got_h[i], want_h[i], rtol=0, atol=1e-6)
+    torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-6)
+    assert torch.equal(got_h[1], base_h[1])  # layer 0 is not steered
+    assert not torch.equal(got_h[2], base_h[2])
+    pad = ~layout.attention_mask
+    assert torch.equal(got_h[2][pad], base_h[2][pad])  # padding never touched
+
+
+def test_dataset_vectors_equal_the_mean_difference_by_hand(tiny_llava, tiny_llava_processor):
+    data = rows(3)
+    got = calibrate(tiny_llava, tiny_llava_processor, data, layers=[0, 2], progress=False)  # batch_size 8: padded batch
+    adapter = get_adapter(tiny_llava)
+    expect = {0: torch.zeros(32), 2: torch.zeros(32)}
+    # the blank reference: a black image through the model's own processor
+    black = tiny_llava_processor.image_processor(images=make_image(0, color=(0, 0, 0)), return_tensors="pt")["pixel_values"]
+    for r in data:
+        enc = tiny_llava_processor(text=[r["prompt"]], images=[r["image"]], return_tensors="pt")
+        blank = dict(enc, pixel_values=black)
+        with_img, _ = hidden_states(tiny_llava, enc)
+        ref, _ = hidden_states(tiny_llava, blank)
+        for layer in expect:
+            expect[layer] += (with_img[layer + 1][0, -1] - ref[layer + 1][0, -1]) / 3
+    assert got.samples == 3 and got.layers == [0, 2]
+    for layer in expect:
+        torch.testing.assert_close(got.vectors[layer], expect[layer], rtol=1e-4, atol=1e-5)
+    # the text-only reference: h(with image) - h(image tokens removed)
+    none = calibrate(tiny_llava, tiny_llava_processor, data, config=type("C", (), {"reference": "none", "batch_size": 2})(), layers=[1], progress=False)
+    by_hand = torch.zeros(32)
+    for r in data:
+        enc = tiny_llava_processor(text=[r["prompt"]], images=[r["image"]], return_tensors="pt")
+        text = adapter.text_only_batch(enc)
+        by_hand += (hidden_states(tiny_llava, enc)[0][2][0, -1] - hidden_states(tiny_llava, text)[0][2][0, -1]) / 3
+    torch.testing.assert_close(none.vectors[1], by_hand, rtol=1e-4, atol=1e-5)
+
+
+def test_sample_level_generate_applies_the_prefill_shift_at_every_step(tiny_llava, tiny_llava_processor):
+    r = rows(1)[0]
+    enc = tiny_llava_processor(text=[r["prompt"]], images=[r["image"]], return_tensors="pt")
+    layers = [1, 3]
+    # the shift by hand: unsteered forwards with the image and with the reference (no
+    # processor given: the all-zero pixel tensor), last prompt token
+    from lvlm_safety_plugins.capture import HiddenCapture
+
+    adapter = get_adapter(tiny_llava)
+    pooled = []
+    for inputs in (enc, dict(enc, pixel_values=torch.zeros_like(enc["pixel_values"]))):
+        with torch.no_grad(), HiddenCapture(adapter, layers, {"m": adapter.layout(inputs).attention_mask}, "last") as cap:
+            tiny_llava(**inputs)
+        pooled.append(cap.stacked("m"))
+    shift = {l: (pooled[0] - pooled[1])[i, 0] for i, l in enumerate(layers)}
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        with steer(tiny_llava, None, variant="sample", layers=layers, alpha=2.0):
+            sample = tiny_llava.generate(**enc, **gen)
+        with steer(tiny_llava, shift, layers=layers, alpha=2.0):
+            fixed = tiny_llava.generate(**enc, **gen)
+        plain = tiny_llava.generate(**enc, **gen)
+    assert torch.equal(sample.sequences, fixed.sequences)
+    for a, b in zip(sample.scores, fixed.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert any(not torch.allclose(a, b) for a, b in zip(sample.scores, plain.scores))
+
+
+@pytest.mark.parametrize("variant", ["dataset", "sample"])
+def test_left_padded_batch_equals_each_prompt_alone(tiny_llava, tiny_llava_processor, variant):
+    vectors = random_vectors(tiny_llava) if variant == "dataset" else None
+    batch = tiny_llava_batch(tiny_llava_processor)  # two prompts of different lengths, left padded
+    opts = dict(variant=variant, alpha=0.7, processor=tiny_llava_processor, layers=[1, 2])
+    with torch.no_grad(), steer(tiny_llava, vectors, **opts):
+        together = tiny_llava(**batch).logits
+        alone = []
+        for i, prompt in enumerate(["USER: <image> what is in the image ? ASSISTANT:", "USER: <image> describe ASSISTANT:"]):
+            one = tiny_llava_processor(text=[prompt], images=[make_image(i)], return_tensors="pt")
+            alone.append(tiny_llava(**one).logits[0])
+    for i, logits in enumerate(alone):
+        torch.testing.assert_close(together[i, -logits.shape[0]:], logits, rtol=1e-4, atol=1e-5)
+
+
+def test_exact_restore_also_after_an_exception(tiny_llava, tiny_llava_processor):
+    batch = tiny_llava_batch(tiny_llava_processor)
+    with torch.no_grad():
+        before = tiny_llava(**batch).logits
+    hooks = lambda: sum(len(l._forward_hooks) for l in get_adapter(tiny_llava).decoder_layers) + len(tiny_llava._forward_pre_hooks)  # noqa: E731
+    n = hooks()
+    with pytest.raises(RuntimeError, match="inside"):
+        with steer(tiny_llava, None, variant="sample", processor=tiny_llava_processor):
+            assert "generate" in tiny_llava.__dict__
+            tiny_llava.generate(**batch, max_new_tokens=2, do_sample=False, pad_token_id=0)
+            raise RuntimeError("inside")
+    handle = apply(tiny_llava, random_vectors(tiny_llava))
+    handle.remove()
+    handle.remove()  # idempotent
+    with torch.no_grad():
+        after = tiny_llava(**batch).logits
+    assert torch.equal(before, after) and hooks() == n and "generate" not in tiny_llava.__dict__
+    assert all(torch.equal(a, b) for a, b in zip(tiny_llava.state_dict().values(), build_tiny_llava().state_dict().values()))
+
+
+def test_threads_do_not_cross_talk(tiny_llava, tiny_llava_processor):
+    batch = tiny_llava_batch(tiny_llava_processor)
+    vectors = random_vectors(tiny_llava)
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+
+    def run(alpha):
+        with torch.no_grad():
+            if alpha is None:
+                return tiny_llava.generate(**batch, **gen).scores
+            with steer(tiny_llava, vectors, alpha=alpha):
+                return tiny_llava.generate(**batch, **gen).scores
+
+    expected = {a: run(a) for a in (None, 1.0, -3.0)}
+    results: dict = {}
+    barrier = threading.Barrier(3)
+
+    def worker(alpha, key):
+        barrier.wait()
+        results[key] = [run(alpha) for _ in range(3)]
+
+    threads = [threading.Thread(target=worker, args=(a, str(a))) for a in (None, 1.0, -3.0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for alpha in (None, 1.0, -3.0):
+        for scores in results[str(alpha)]:
+            for a, b in zip(scores, expected[alpha]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(expected[1.0][0], expected[-3.0][0])
+
+
+def test_fold_matches_hooks_and_saves_a_plain_checkpoint(tmp_path, tiny_llava, tiny_llava_processor):
+    batch = tiny_llava_batch(tiny_llava_processor)
+    vectors = random_vectors(tiny_llava, layers=(0, 2))
+    with torch.no_grad(), steer(tiny_llava, vectors, alpha=0.8):
+        hooked = tiny_llava(**batch).logits
+    folded_model = copy.deepcopy(tiny_llava)
+    assert fold_into_weights(folded_model, vectors, alpha=0.8) == [0, 2]
+    assert not any(l._forward_hooks for l in get_adapter(folded_model).decoder_layers)
+    with torch.no_grad():
+        folded = folded_model(**batch).logits
+    real = get_adapter(tiny_llava).layout(batch).attention_mask  # real positions in the decoder's sequence
+    torch.testing.assert_close(folded[real], hooked[real], rtol=0, atol=1e-5)
+    with pytest.raises(Exception, match="only dataset-level CMRM on all positions"):
+        fold_into_weights(copy.deepcopy(tiny_llava), vectors, positions="image")
+    try:
+        check_savable()
+    except Exception:
+        pytest.skip("this transformers has no LlamaConfig.mlp_bias: folded checkpoints cannot be saved (documented)")
+    folded_model.save_pretrained(tmp_path / "folded")
+    torch.save(batch, tmp_path / "batch.pt")
+    code = (
+        "import sys, torch, transformers\n"
+        "m = transformers.LlavaForConditionalGeneration.from_pretrained(sys.argv[1]).eval()\n"
+        "b = torch.load(sys.argv[2])\n"
+        "assert 'lvlm_safety_plugins' not in sys.modules\n"
+        "torch.save(m(**b).logits, sys.argv[3])\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "folded"), str(tmp_path / "batch.pt"), str(tmp_path / "out.pt")], check=True, capture_output=True)
+    reloaded = torch.load(tmp_path / "out.pt")
+    torch.testing.assert_close(reloaded[real], hooked[real], rtol=0, atol=1e-5)
+
+
+def test_vector_files_round_trip_and_every_bad_case(tmp_path, tiny_llava):
+    vectors = random_vectors(tiny_llava)
+    path = vectors.save(tmp_path / "v.safetensors")
+    loaded = SteeringVectors.load(path)
+    assert loaded.layers == [1, 2] and torch.equal(loaded.vectors[1], vectors.vectors[1])
+    loaded.check(tiny_llava)
+    with pytest.raises(VectorFileError, match="nope.safetensors: vector file not found"):
+        SteeringVectors.load(tmp_path / "nope.safetensors")
+    data = path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(VectorFileError, match="trunc.safetensors: not a readable safetensors"):
+        SteeringVectors.load(tmp_path / "trunc.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00\x01garbage" * 10)
+    with pytest.raises(VectorFileError, match="junk.safetensors: not a readable safetensors"):
+        SteeringVectors.load(tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(VectorFileError, match="other.safetensors: missing metadata"):
+        SteeringVectors.load(tmp_path / "other.safetensors")
+    wide = SteeringVectors(vectors={1: torch.zeros(64)}, model_class="X", fingerprint=vectors.fingerprint, hidden_size=64, num_layers=4)
+    with pytest.raises(VectorFileError, match="w.safetensors: vectors have hidden size 64, the model has 32"):
+        SteeringVectors.load(wide.save(tmp_path / "w.safetensors")).check(tiny_llava, source=tmp_path / "w.safetensors")
+    deep = SteeringVectors(vectors={9: torch.zeros(32)}, model_class="X", fingerprint=vectors.fingerprint, hidden_size=32, num_layers=12)
+    with pytest.raises(VectorFileError, match=r"d.safetensors: layers \[9\] do not exist: the model has 4 decoder layers"):
+        SteeringVectors.load(deep.save(tmp_path / "d.safetensors")).check(tiny_llava, source=tmp_path / "d.safetensors")
+    other = build_tiny_llava(hidden_size=32, num_layers=4, vocab_size=80)
+    with pytest.raises(VectorFileError, match="v.safetensors: vectors were calibrated on another model"):
+        loaded.check(other, source=path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded.check(other, strict=False, source=path)
+    assert any("calibrated on another model" in str(w.message) for w in caught)
+    # a failed save leaves nothing behind
+    bad = SteeringVectors(vectors={1: "not a tensor"}, model_class="X", fingerprint="f", hidden_size=32, num_layers=4)  # type: ignore[dict-item]
+    with pytest.raises(Exception):
+        bad.save(tmp_path / "half.safetensors")
+    assert not list(tmp_path.glob("*half*"))
+
+
+def test_recipe_runtime_calibrate_and_steer(tmp_path, tiny_llava, tiny_llava_processor):
+    out = tmp_path / "vectors.safetensors"
+    rt = Runtime(load_recipe("cmrm_llava15_dataset", [f"cmrm.vectors={out}", "cmrm.layers=1-2", "cmrm.batch_size=2"]),
+                 model=tiny_llava, processor=tiny_llava_processor)
+    [artifact] = rt.calibrate(tiny_llava_processor, rows(3))
+    assert artifact["path"] == str(out) and artifact["layers"] == [1, 2] and artifact["samples"] == 3
+    assert "cmrm" in SteeringVectors.load(out).recipe
+    batch = tiny_llava_batch(tiny_llava_processor)
+    with torch.no_grad():
+        base = tiny_llava(**batch).logits
+        with rt.steering():
+            steered = tiny_llava(**batch).logits
+        with steer(tiny_llava, SteeringVectors.load(out), alpha=1.0):
+            direct = tiny_llava(**batch).logits
+        after = tiny_llava(**batch).logits
+    assert torch.equal(steered, direct) and not torch.equal(base, steered) and torch.equal(base, after)
+
+
+def test_calibrate_cli(tmp_path, tiny_llava, tiny_llava_processor):
+    model_dir = tmp_path / "model"
+    tiny_llava.save_pretrained(model_dir)
+    tiny_llava_processor.save_pretrained(model_dir)
+    lines = []
+    for i in range(3):
+        make_image(i).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "prompt": "what is in the image ?"}))
+    (tmp_path / "calib.jsonl").write_text("\n".join(lines))
+    out = tmp_path / "v.safetensors"
+    cmd = [sys.executable, "-m", "lvlm_safety_plugins.cli", "calibrate", "--recipe", "cmrm_llava15_dataset", "cmrm.layers=0-1",
+           "--model", str(model_dir), "--data", str(tmp_path / "calib.jsonl"), "--template", "USER: <image> {prompt} ASSISTANT:", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "calibrated 2 layers on 3 samples" in res.stdout
+    assert SteeringVectors.load(out).samples == 3
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "missing.png", "prompt": "x"}))
+    cmd[cmd.index(str(tmp_path / "calib.jsonl"))] = str(tmp_path / "bad.jsonl")
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 2 and "bad.jsonl: row 0 (id 0): image not found" in res.stderr
+
+
+def test_hf_integration_generate(tiny_llava, tiny_llava_processor, tmp_path):
+    from lvlm_safety_plugins.integrations.hf import recipe_steering, steered_generate
+
+    vectors = random_vectors(tiny_llava)
+    path = vectors.save(tmp_path / "v.safetensors")
+    batch = tiny_llava_batch(tiny_llava_processor)
+    overrides = [f"cmrm.vectors={path}", "cmrm.alpha=3.0"]
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        out = steered_generate(tiny_llava, "cmrm_llava15_dataset", overrides, processor=tiny_llava_processor, **batch, **gen)
+        with steer(tiny_llava, vectors, alpha=3.0):
+            direct = tiny_llava.generate(**batch, **gen)
+        with recipe_steering(tiny_llava, "cmrm_llava15_dataset", overrides):
+            ctx = tiny_llava.generate(**batch, **gen)
+    assert torch.equal(out, direct) and torch.equal(ctx, direct)
