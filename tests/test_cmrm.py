@@ -83,19 +83,19 @@ def test_dataset_vectors_equal_the_mean_difference_by_hand(tiny_llava, tiny_llav
     got = calibrate(tiny_llava, tiny_llava_processor, data, layers=[0, 2], progress=False)  # batch_size 8: padded batch
     adapter = get_adapter(tiny_llava)
     expect = {0: torch.zeros(32), 2: torch.zeros(32)}
-    # the blank reference: a black image through the model's own processor
+    # the blank reference: a black image through the model's own processor, against the
+    # prompt with its image tokens removed, at the last token
     black = tiny_llava_processor.image_processor(images=make_image(0, color=(0, 0, 0)), return_tensors="pt")["pixel_values"]
     for r in data:
         enc = tiny_llava_processor(text=[r["prompt"]], images=[r["image"]], return_tensors="pt")
-        blank = dict(enc, pixel_values=black)
-        with_img, _ = hidden_states(tiny_llava, enc)
-        ref, _ = hidden_states(tiny_llava, blank)
+        with_blank, _ = hidden_states(tiny_llava, dict(enc, pixel_values=black))
+        text, _ = hidden_states(tiny_llava, adapter.text_only_batch(enc))
         for layer in expect:
-            expect[layer] += (with_img[layer + 1][0, -1] - ref[layer + 1][0, -1]) / 3
+            expect[layer] += (with_blank[layer + 1][0, -1] - text[layer + 1][0, -1]) / 3
     assert got.samples == 3 and got.layers == [0, 2]
     for layer in expect:
         torch.testing.assert_close(got.vectors[layer], expect[layer], rtol=1e-4, atol=1e-5)
-    # the text-only reference: h(with image) - h(image tokens removed)
+    # reference none: the sample's own image, h(with its image) - h(image tokens removed)
     none = calibrate(tiny_llava, tiny_llava_processor, data, config=type("C", (), {"reference": "none", "batch_size": 2})(), layers=[1], progress=False)
     by_hand = torch.zeros(32)
     for r in data:
@@ -109,13 +109,13 @@ def test_sample_level_generate_applies_the_prefill_shift_at_every_step(tiny_llav
     r = rows(1)[0]
     enc = tiny_llava_processor(text=[r["prompt"]], images=[r["image"]], return_tensors="pt")
     layers = [1, 3]
-    # the shift by hand: unsteered forwards with the image and with the reference (no
-    # processor given: the all-zero pixel tensor), last prompt token
+    # the shift by hand: unsteered forwards with the reference image (no processor
+    # given: the all-zero pixel tensor) and text only, last prompt token
     from lvlm_safety_plugins.capture import HiddenCapture
 
     adapter = get_adapter(tiny_llava)
     pooled = []
-    for inputs in (enc, dict(enc, pixel_values=torch.zeros_like(enc["pixel_values"]))):
+    for inputs in (dict(enc, pixel_values=torch.zeros_like(enc["pixel_values"])), adapter.text_only_batch(enc)):
         with torch.no_grad(), HiddenCapture(adapter, layers, {"m": adapter.layout(inputs).attention_mask}, "last") as cap:
             tiny_llava(**inputs)
         pooled.append(cap.stacked("m"))

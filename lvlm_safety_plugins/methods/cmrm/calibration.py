@@ -1,8 +1,12 @@
 """CMRM calibration: the mean image-induced shift per layer over a dataset.
 
-For every sample, ``h_l(prompt with its image) - h_l(prompt with the reference)``
-is measured at ``measure_at`` (the last real token, or the mean over the prompt's text
-tokens) with capture hooks that pool on the fly; per-layer sums and the sample count are
+For every sample, ``h_l(prompt with the reference image) - h_l(prompt, text only)`` is
+measured at ``measure_at`` (the last real token, or the mean over the prompt's text
+tokens, which both inputs share). The reference image is a constant ``blank`` image
+(through the model's own processor) or seeded ``noise``, which carry the modality but no
+content; with ``reference: none`` the sample's own image is used. The text-only input
+is the prompt with its image tokens removed. Capture hooks pool on the fly; per-layer
+sums and the sample count are
 accumulated in float32 (:class:`ShiftAccumulator`, so several processes can add theirs
 up), then divided. Batched, left or right padding (positions come from the model
 adapter's layout), a progress bar, the model's training flag restored afterwards.
@@ -129,12 +133,11 @@ def calibrate(
             enc = processor(text=[_wrap_prompt(r["prompt"], prompt_template) for r in chunk], images=[r["image"] for r in chunk],
                             return_tensors="pt", padding=True)
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in enc.items()}
-            if reference == "none":
-                ref = adapter.text_only_batch(batch)
-            else:
-                ref = adapter.blank_image_batch(batch, reference, seed=noise_seed + start, image_processor=image_processor, fill=fill)
+            with_image = batch if reference == "none" else adapter.blank_image_batch(
+                batch, reference, seed=noise_seed + start, image_processor=image_processor, fill=fill)
+            text_only = adapter.text_only_batch(batch)
             pooled = []
-            for inputs in (batch, ref):
+            for inputs in (with_image, text_only):
                 layout = adapter.layout(inputs)
                 mask = layout.attention_mask if measure_at == "last" else layout.text_mask
                 with HiddenCapture(adapter, chosen, {"m": mask}, measure_at, detach=True) as cap:

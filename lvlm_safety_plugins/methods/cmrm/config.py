@@ -16,9 +16,12 @@ class Variant(enum.Enum):
 
 
 class Reference(enum.Enum):
+    """The image of the "with image" forward; the other forward is always text-only
+    (the prompt with its image tokens removed)."""
+
     blank = "blank"  # a constant image (the model's own processor, or the mean colour)
     noise = "noise"  # seeded Gaussian noise in the normalised pixel space
-    none = "none"  # the image tokens removed (text-only input)
+    none = "none"  # no synthetic reference: the sample's own image
 
 
 class Positions(enum.Enum):
@@ -42,9 +45,10 @@ class MeasureAt(enum.Enum):
 class CMRMConfig:
     """Settings of CMRM steering.
 
-    The shift at layer l is ``v_l = h_l(text, image) - h_l(reference)`` measured at
-    ``measure_at``; steering subtracts ``alpha_l * v_l`` from the layer's output at the
-    chosen positions.
+    The shift at layer l is ``v_l = h_l(prompt, reference image) - h_l(prompt, text
+    only)`` measured at ``measure_at`` (averaged over a calibration set for the dataset
+    variant, per input for the sample variant); steering subtracts ``alpha_l * v_l`` from
+    the layer's output at the chosen positions.
     """
 
     variant: Variant = Variant.dataset

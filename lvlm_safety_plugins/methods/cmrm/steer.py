@@ -6,9 +6,10 @@ sees each call, tells the prefill (the prompt, with the image) from the decode s
 (one new token each, with the KV cache), and computes, at prefill, which positions of
 the decoder's sequence are steered (image, text or all real positions; never padding)
 from the model adapter's layout. Decode steps steer the generated tokens. The
-sample-level variant measures each input's own shift at prefill, with extra forwards
-(the input with its image and with the reference) on the unsteered model, and keeps it
-for every decode step of that call.
+sample-level variant measures each input's own shift at prefill, with two extra
+forwards on the unsteered model (the prompt with the reference image, or its own image
+for ``reference="none"``, and the prompt text-only), and keeps it for every decode step
+of that call.
 
 Removing the handle (or leaving the ``with`` block, also on an exception) removes every
 hook: the model is exactly as before, since steering never writes to a weight.
@@ -200,7 +201,8 @@ class SteeringHandle:
         return None
 
     def _measure(self, kwargs: Mapping[str, Any], input_ids: torch.Tensor, attention: Any, state: _ForwardState) -> dict[int, torch.Tensor]:
-        """The per-input shift h(input) - h(reference) at the steered layers."""
+        """The per-input shift h(prompt, reference image) - h(prompt, text only) at the
+        steered layers (the input's own image when ``reference`` is ``none``)."""
         batch = {"input_ids": input_ids, "attention_mask": attention if attention is not None else torch.ones_like(input_ids)}
         for key in _IMAGE_KEYS:
             if kwargs.get(key) is not None:
@@ -208,14 +210,15 @@ class SteeringHandle:
             elif key in state.generate_images:
                 batch[key] = state.generate_images[key]
         if self.reference == "none":
-            ref = self.adapter.text_only_batch(batch)
+            with_image = batch
         else:
             image_processor = getattr(self.processor, "image_processor", None)
-            ref = self.adapter.blank_image_batch(batch, self.reference, seed=self.noise_seed, image_processor=image_processor, fill=self.blank_fill)
+            with_image = self.adapter.blank_image_batch(batch, self.reference, seed=self.noise_seed, image_processor=image_processor, fill=self.blank_fill)
+        text_only = self.adapter.text_only_batch(batch)
         state.busy = True
         try:
             pooled = []
-            for inputs in (batch, ref):
+            for inputs in (with_image, text_only):
                 layout = self.adapter.layout(inputs)
                 mask = layout.attention_mask if self.measure_at == "last" else layout.text_mask
                 with torch.no_grad(), HiddenCapture(self.adapter, self.layers, {"m": mask}, self.measure_at, detach=True) as cap:
