@@ -28,6 +28,11 @@ arguments are respected as they are (``--tune_mm_mlp_adapter``, ``--version plai
 ``uninstall()`` restores everything. Without ``install``, importing this package changes
 nothing in LLaVA.
 
+Inference: :func:`install_inference` (``load_pretrained_model`` + ``generate``, and
+LLaVA's eval scripts) or :func:`apply_steering` on a loaded model apply a recipe's
+steering (CMRM); the LLaVA framework's ``generate`` splices the image in before the
+first forward, and the steering reads the layout from the ids it was given.
+
 The recipe may also come from the command line or the environment, so the one line
 needs no argument: ``import lvlm_safety_plugins.integrations.llava_register`` reads
 ``--safety_recipe NAME`` and ``--safety_override key=value`` (removed from ``sys.argv``
@@ -196,6 +201,64 @@ def install(
     return runtime
 
 
+_inference_patches: list[tuple[Any, str, Any]] = []
+_inference_handles: list[Any] = []
+EVAL_MODULES = ("llava.eval.run_llava", "llava.eval.model_vqa", "llava.eval.model_vqa_loader", "llava.serve.cli")
+
+
+def apply_steering(model: Any, recipe: Recipe | str | Mapping[str, Any], overrides: Sequence[str] = (), *,
+                   tokenizer: Any = None, image_processor: Any = None) -> Runtime:
+    """Install a recipe's steering (CMRM) on a model loaded with LLaVA's
+    ``load_pretrained_model``; the handles stay until :func:`uninstall_inference`.
+    Use ``Runtime(...).steering(model)`` instead for a ``with`` block."""
+    from types import SimpleNamespace
+
+    runtime = Runtime(recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides), model=model,
+                      processor=SimpleNamespace(tokenizer=tokenizer, image_processor=image_processor), tokenizer=tokenizer)
+    for result in runtime.hook.install_steering(model=model, runtime=runtime):
+        _inference_handles.extend(result if isinstance(result, (list, tuple)) else [result])
+    return runtime
+
+
+def install_inference(recipe: Recipe | str | Mapping[str, Any], overrides: Sequence[str] = ()) -> None:
+    """Steer every model that LLaVA's ``load_pretrained_model`` loads (in
+    ``llava.model.builder`` and in LLaVA's eval scripts, which import it by name), so
+    ``llava.eval.run_llava``, ``llava.eval.model_vqa`` and friends run with the recipe's
+    steering. Steering is context-local: it acts in the thread that loaded the model."""
+    import importlib
+
+    import llava.model.builder as builder
+
+    uninstall_inference()
+    original = builder.load_pretrained_model
+
+    def load_pretrained_model(*args: Any, **kwargs: Any) -> Any:
+        tokenizer, model, image_processor, context_len = original(*args, **kwargs)
+        apply_steering(model, recipe, overrides, tokenizer=tokenizer, image_processor=image_processor)
+        return tokenizer, model, image_processor, context_len
+
+    targets = [builder]
+    for name in EVAL_MODULES:
+        try:
+            targets.append(importlib.import_module(name))
+        except ImportError:  # an eval script whose own needs are not installed
+            continue
+    for module in targets:
+        if getattr(module, "load_pretrained_model", None) is original:
+            _inference_patches.append((module, "load_pretrained_model", original))
+            module.load_pretrained_model = load_pretrained_model
+
+
+def uninstall_inference() -> None:
+    """Remove the steering installed by :func:`install_inference` / :func:`apply_steering`
+    and restore ``load_pretrained_model``."""
+    while _inference_handles:
+        _inference_handles.pop().remove()
+    while _inference_patches:
+        module, name, original = _inference_patches.pop()
+        setattr(module, name, original)
+
+
 def save_plugin_state(runtime: Runtime, output_dir: str | Path) -> list[str]:
     """Write the plugin state (``lvlm_safety_state.json``) and, for methods that hold
     trainable parameters (``trainable_state()``), ``lvlm_safety_plugins.safetensors``
@@ -226,9 +289,12 @@ def save_plugin_state(runtime: Runtime, output_dir: str | Path) -> list[str]:
 
 
 __all__ = [
+    "apply_steering",
     "ensure_llava_importable",
     "install",
+    "install_inference",
     "installed_runtime",
     "save_plugin_state",
     "uninstall",
+    "uninstall_inference",
 ]

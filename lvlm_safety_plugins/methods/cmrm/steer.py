@@ -49,6 +49,7 @@ class _ForwardState:
     sample_shift: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H]
     busy: bool = False  # inside the extra measuring forwards: do not steer
     generate_images: dict[str, Any] = field(default_factory=dict)  # image inputs of the running generate()
+    generate_ids: Any = None  # (input_ids, attention_mask) of the running generate()
 
 
 def _past_length(kwargs: Mapping[str, Any]) -> int:
@@ -118,7 +119,7 @@ class SteeringHandle:
         self._token: contextvars.Token | None = None
         self._generate_wrapper: Any = None
         try:
-            if variant == "sample" and hasattr(model, "generate"):
+            if hasattr(model, "generate"):
                 self._wrap_generate()
             self._handles.append(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             decoder = self.adapter.decoder_layers
@@ -131,9 +132,11 @@ class SteeringHandle:
             _ACTIVE.set(_ACTIVE.get() | {self.id})
 
     def _wrap_generate(self) -> None:
-        """Keep the image inputs of a ``generate`` call: newer transformers encode the
-        image before the first forward and pass only its features, but the sample-level
-        reference needs the pixels."""
+        """Keep the inputs of a ``generate`` call. Newer transformers encode the image
+        before the first forward and pass only its features (the sample-level reference
+        needs the pixels), and the LLaVA framework's ``generate`` splices the image in
+        and calls the forward with ``inputs_embeds`` only (the layout needs the ids with
+        ``IMAGE_TOKEN_INDEX``)."""
         original = self.model.generate
 
         def generate(*args: Any, **kwargs: Any) -> Any:
@@ -142,10 +145,13 @@ class SteeringHandle:
             state = self._state(create=True)
             assert state is not None
             state.generate_images = {k: kwargs[k] for k in _IMAGE_KEYS if kwargs.get(k) is not None}
+            ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+            state.generate_ids = (ids, kwargs.get("attention_mask")) if isinstance(ids, torch.Tensor) else None
             try:
                 return original(*args, **kwargs)
             finally:
                 state.generate_images = {}
+                state.generate_ids = None
 
         self.model.generate = generate  # type: ignore[method-assign]
         self._generate_wrapper = generate
@@ -179,12 +185,20 @@ class SteeringHandle:
         if state.busy:
             return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is None:
-            raise LVLMSafetyError(
-                f"CMRM steering needs input_ids in the forward of {type(module).__name__} (got inputs_embeds only)"
-            )
         attention = kwargs.get("attention_mask")
-        if _past_length(kwargs) == 0:  # prefill: the prompt
+        prefill = _past_length(kwargs) == 0
+        if input_ids is None:
+            embeds = kwargs.get("inputs_embeds")
+            if prefill and state.generate_ids is not None and embeds is not None:
+                # the LLaVA framework: generate() spliced the image in; lay out its ids
+                input_ids, attention = state.generate_ids
+            elif embeds is not None and not prefill:
+                input_ids = embeds[..., 0].long()  # only the shape is used for decode steps
+            else:
+                raise LVLMSafetyError(
+                    f"CMRM steering needs input_ids in the forward of {type(module).__name__} (got inputs_embeds only)"
+                )
+        if prefill:  # the prompt
             batch = {"input_ids": input_ids, "attention_mask": attention}
             layout = self.adapter.layout(batch)
             if self.apply_to == "generated":
