@@ -327,3 +327,23 @@ def test_hf_integration_generate(tiny_llava, tiny_llava_processor, tmp_path):
         with recipe_steering(tiny_llava, "cmrm_llava15_dataset", overrides):
             ctx = tiny_llava.generate(**batch, **gen)
     assert torch.equal(out, direct) and torch.equal(ctx, direct)
+
+
+def test_hf_integration_image_text_to_text_pipeline(tiny_llava, tiny_llava_processor, tmp_path):
+    from transformers import pipeline
+
+    from lvlm_safety_plugins.integrations.hf import steered_pipeline
+
+    try:
+        pipe = pipeline("image-text-to-text", model=tiny_llava, processor=tiny_llava_processor, device="cpu")
+    except (KeyError, ValueError) as exc:
+        pytest.skip(f"this transformers has no image-text-to-text pipeline: {exc}")
+    path = random_vectors(tiny_llava).save(tmp_path / "v.safetensors")
+    ask = dict(images=make_image(0), text="USER: <image> what is in the image ? ASSISTANT:", generate_kwargs={"max_new_tokens": 4, "do_sample": False})
+    plain = pipe(**ask)[0]["generated_text"]
+    with steered_pipeline(pipe, "cmrm_llava15_dataset", [f"cmrm.vectors={path}", "cmrm.alpha=4.0"]) as steered:
+        got = steered(**ask)[0]["generated_text"]
+    with steer(tiny_llava, SteeringVectors.load(path), alpha=4.0):
+        direct = pipe(**ask)[0]["generated_text"]
+    assert got == direct and got != plain
+    assert pipe(**ask)[0]["generated_text"] == plain  # removed on exit
