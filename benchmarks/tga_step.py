@@ -29,6 +29,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_median, make_rows, print_table, write_json  # noqa: E402
 
+from lvlm_safety_plugins.adapters import get_adapter  # noqa: E402
+
 SHAPES = {
     # hidden, layers, heads, kv heads, intermediate, vision hidden, image size, batch, text tokens
     "quick": dict(hidden=256, layers=4, heads=4, kv=4, inter=688, vhidden=64, image=56, batch=4, text=24),
@@ -134,11 +136,7 @@ def memory_case(args: argparse.Namespace) -> None:
     dtype = getattr(torch, args.dtype)
     shape = SHAPES[args.shape]
     model, batch, extras = build(shape, args.device, dtype)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    projector = model.model.multi_modal_projector if hasattr(model, "model") and hasattr(model.model, "multi_modal_projector") else model.multi_modal_projector
-    for p in projector.parameters():
-        p.requires_grad_(True)
+    get_adapter(model).set_trainable("projector")
     step = make_step(model, batch, extras, args.case == "tga", layers_for(shape["layers"]))
     if args.device.startswith("cuda"):
         step()  # warm-up
@@ -183,11 +181,7 @@ def main() -> None:
     shape = SHAPES[args.shape]
     steps = args.steps or (5 if args.quick else 10)
     model, batch, extras = build(shape, args.device, dtype)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    projector = model.model.multi_modal_projector if hasattr(model, "model") and hasattr(model.model, "multi_modal_projector") else model.multi_modal_projector
-    for p in projector.parameters():
-        p.requires_grad_(True)
+    get_adapter(model).set_trainable("projector")
     layers = layers_for(shape["layers"])
     steps_fn = {"plain": make_step(model, batch, extras, False, layers), "tga": make_step(model, batch, extras, True, layers)}
     for fn in steps_fn.values():

@@ -272,6 +272,27 @@ def write_llava_training_assets(folder: str | os.PathLike[str], n_records: int =
     return {"model": llm, "vision_tower": tower, "image_folder": images, "data": data}
 
 
+def decoder_input(model: Any, **batch: Any) -> "torch.Tensor":
+    """The hidden states entering the first decoder layer during ``model(**batch)``:
+    what the LLM actually sees (image features spliced in), for checking positions."""
+    import torch
+
+    from .adapters import get_adapter
+
+    seen: dict[str, Any] = {}
+
+    def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
+        seen["x"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
+    handle = get_adapter(model).decoder_layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        handle.remove()
+    return seen["x"]
+
+
 # ---------------------------------------------------------------------------
 # pytest fixtures (pytest11 entry point); pytest is only imported when it is running
 # ---------------------------------------------------------------------------

@@ -11,26 +11,10 @@ from torch import nn
 from lvlm_safety_plugins import UnsupportedModelError, get_adapter
 from lvlm_safety_plugins.adapters import layer_hidden
 from lvlm_safety_plugins.adapters.hf import HFLlavaAdapter
-from lvlm_safety_plugins.testing import SPECIAL_TOKENS, processor_expands_image_tokens, tiny_llava_batch
+from lvlm_safety_plugins.testing import SPECIAL_TOKENS, decoder_input, processor_expands_image_tokens, tiny_llava_batch
 
 IMAGE_ID = SPECIAL_TOKENS.index("<image>")
 TF_MAJOR = int(transformers.__version__.split(".")[0])
-
-
-def _decoder_input(model, adapter, batch):
-    """The hidden states entering decoder layer 0 during a forward of ``batch``."""
-    seen = {}
-
-    def pre_hook(module, args, kwargs):
-        seen["x"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
-
-    handle = adapter.decoder_layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**batch)
-    finally:
-        handle.remove()
-    return seen["x"]
 
 
 def _image_features(model, pixel_values):
@@ -77,7 +61,7 @@ def test_image_positions_hold_the_projected_features(tiny_llava, tiny_llava_proc
     adapter = get_adapter(tiny_llava)
     batch = tiny_llava_batch(tiny_llava_processor)
     layout = adapter.layout(batch)
-    x = _decoder_input(tiny_llava, adapter, batch)
+    x = decoder_input(tiny_llava, **batch)
     assert x.shape[:2] == layout.image_mask.shape
     feats = _image_features(tiny_llava, batch["pixel_values"])  # [images, patches, hidden]
     for row in range(x.shape[0]):
@@ -224,7 +208,7 @@ def test_token_masks_map_into_decoder_coordinates(tiny_llava, tiny_llava_process
     mapped = layout.map_token_mask(mask)
     assert int(mapped.sum()) == int(mask.sum()) == 1
     # the embedding entering layer 0 at the mapped position is the word's embedding
-    x = _decoder_input(tiny_llava, adapter, batch)
+    x = decoder_input(tiny_llava, **batch)
     emb = tiny_llava.get_input_embeddings().weight[word]
     torch.testing.assert_close(x[mapped][0], emb.detach())
     assert not bool((mapped & layout.image_mask).any())

@@ -12,27 +12,12 @@ from llava.constants import IMAGE_TOKEN_INDEX  # noqa: E402
 
 from lvlm_safety_plugins import get_adapter  # noqa: E402
 from lvlm_safety_plugins.adapters.llava_pkg import LlavaPackageAdapter  # noqa: E402
-from lvlm_safety_plugins.testing import build_tiny_llava_package_model  # noqa: E402
+from lvlm_safety_plugins.testing import build_tiny_llava_package_model, decoder_input  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def model():
     return build_tiny_llava_package_model()
-
-
-def _decoder_input(model, adapter, **batch):
-    seen = {}
-
-    def pre_hook(module, args, kwargs):
-        seen["x"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
-
-    handle = adapter.decoder_layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**batch)
-    finally:
-        handle.remove()
-    return seen["x"]
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -46,7 +31,7 @@ def test_layout_matches_llava_splice(model, side):
     attn = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     images = torch.randn(2, 3, 28, 28)
     layout = adapter.layout({"input_ids": ids, "attention_mask": attn})
-    x = _decoder_input(model, adapter, input_ids=ids, attention_mask=attn, images=images)
+    x = decoder_input(model, input_ids=ids, attention_mask=attn, images=images)
     assert x.shape[:2] == layout.image_mask.shape
     with torch.no_grad():
         feats = model.encode_images(images)  # LLaVA's own projector output
@@ -87,7 +72,7 @@ def test_token_mask_maps_into_llava_sequence(model):
     attn = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
     layout = adapter.layout({"input_ids": ids, "attention_mask": attn})
     mapped = layout.map_token_mask(ids == 7)
-    x = _decoder_input(model, adapter, input_ids=ids, attention_mask=attn, images=torch.randn(2, 3, 28, 28))
+    x = decoder_input(model, input_ids=ids, attention_mask=attn, images=torch.randn(2, 3, 28, 28))
     emb = model.get_input_embeddings().weight[7].detach()
     assert int(mapped.sum()) == 2
     for row in range(2):

@@ -106,10 +106,7 @@ def _args(tmp_path, **kw):
 
 def _projector_only(model):
     adapter = get_adapter(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in adapter.projector.parameters():
-        p.requires_grad_(True)
+    adapter.set_trainable("projector")
     return adapter
 
 

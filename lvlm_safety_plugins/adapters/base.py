@@ -327,6 +327,26 @@ class ModelAdapter:
             )
         return single.to(pixels.device, pixels.dtype).expand_as(pixels).clone()
 
+    def set_trainable(self, part: str) -> list[nn.Parameter]:
+        """Freeze every parameter but ``part``'s: ``"projector"`` (LLaVA's pretrain
+        stage) or ``"llm"`` (decoder layers, final norm, embeddings and LM head).
+        Returns the trainable parameters."""
+        if part == "projector":
+            modules = [self.projector]
+        elif part == "llm":
+            modules = [self.decoder_layers, self.final_norm, self.lm_head, self.model.get_input_embeddings()]
+        else:
+            raise ValueError(f"part must be 'projector' or 'llm', got {part!r}")
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        params: list[nn.Parameter] = []
+        for module in modules:
+            for p in module.parameters():
+                if not p.requires_grad:
+                    p.requires_grad_(True)
+                    params.append(p)
+        return params
+
     def describe(self) -> dict[str, Any]:
         """A summary: family, class, layer count, hidden size, projector class."""
         return {

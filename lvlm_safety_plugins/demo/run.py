@@ -61,31 +61,15 @@ def build_model(world: World, size: DemoSize, seed: int) -> tuple[Any, Any]:
     return model, processor
 
 
-def _set_trainable(model: Any, part: str) -> list[torch.nn.Parameter]:
-    from ..adapters import get_adapter
-
-    adapter = get_adapter(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if part == "llm":
-        modules = [adapter.decoder_layers, adapter.final_norm, adapter.lm_head, model.get_input_embeddings()]
-    else:
-        modules = [adapter.projector]
-    params = []
-    for m in modules:
-        for p in m.parameters():
-            p.requires_grad_(True)
-            params.append(p)
-    return params
-
-
 def train(model: Any, processor: Any, rows: Sequence[dict], *, part: str, steps: int, batch_size: int, lr: float,
           seed: int, runtime: Any = None, desc: str = "") -> list[float]:
     """A plain training loop over ``rows`` (the demo's own; recipes' loss plugins run
     through the same lifecycle hooks as in the HF and LLaVA integrations)."""
     from ..integrations.hf_training import EXTRAS_KEY, LlavaSFTCollator, SafetyCollator
 
-    params = _set_trainable(model, part)
+    from ..adapters import get_adapter
+
+    params = get_adapter(model).set_trainable(part)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     collate: Callable[[list[dict]], dict] = LlavaSFTCollator(processor, padding_side="right")
     if runtime is not None:
