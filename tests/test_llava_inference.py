@@ -65,8 +65,12 @@ def test_cmrm_in_llava_generate_equals_the_subtraction_by_hand(loaded, tmp_path)
     # by hand: the same subtraction at every position of every forward (prefill on
     # LLaVA's spliced sequence, then each generated token)
     adapter = get_adapter(model)
-    handles = [adapter.decoder_layers[l].register_forward_hook(
-        lambda m, a, o, v=v: (o[0] - 0.5 * v.to(o[0].dtype), *o[1:]), prepend=True) for l, v in vectors.vectors.items()]
+    from lvlm_safety_plugins.adapters import layer_hidden, replace_layer_hidden
+
+    def by_hand(v):
+        return lambda m, a, o: replace_layer_hidden(o, layer_hidden(o) - 0.5 * v.to(layer_hidden(o).dtype))
+
+    handles = [adapter.decoder_layers[l].register_forward_hook(by_hand(v), prepend=True) for l, v in vectors.vectors.items()]
     try:
         with torch.no_grad():
             manual = model.generate(ids, **gen)

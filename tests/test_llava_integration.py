@@ -13,7 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("llava.train.train", reason="needs the LLaVA framework (pip install --no-deps llava-torch)")
+pytest.importorskip("llava.model", reason="needs the LLaVA framework (pip install --no-deps llava-torch)")
+from lvlm_safety_plugins.integrations.llava import ensure_llava_importable  # noqa: E402
+
+ensure_llava_importable()  # transformers 5.x: LLaVA's trainer imports a name 5.x removed
+pytest.importorskip("llava.train.train")
 pytest.importorskip("deepspeed", reason="LLaVA's adapter saving imports deepspeed")
 pytest.importorskip("sentencepiece", reason="LLaVA loads a slow (sentencepiece) tokenizer")
 
