@@ -347,3 +347,24 @@ def test_hf_integration_image_text_to_text_pipeline(tiny_llava, tiny_llava_proce
         direct = pipe(**ask)[0]["generated_text"]
     assert got == direct and got != plain
     assert pipe(**ask)[0]["generated_text"] == plain  # removed on exit
+
+
+def test_calibration_reads_hf_datasets_and_llava_json(tmp_path, tiny_llava, tiny_llava_processor):
+    import datasets
+
+    data = rows(3)
+    from_list = calibrate(tiny_llava, tiny_llava_processor, data, layers=[1], progress=False)
+    ds = datasets.Dataset.from_list([{"image": r["image"], "prompt": r["prompt"]} for r in data])
+    from_ds = calibrate(tiny_llava, tiny_llava_processor, ds, layers=[1], progress=False)
+    records = []
+    for i, r in enumerate(data):
+        r["image"].save(tmp_path / f"{i}.png")
+        records.append({"id": f"s{i}", "image": f"{i}.png", "conversations": [{"from": "human", "value": r["prompt"]}, {"from": "gpt", "value": "x"}]})
+    (tmp_path / "llava.json").write_text(json.dumps(records))
+    from_json = calibrate(tiny_llava, tiny_llava_processor, tmp_path / "llava.json", layers=[1], progress=False)
+    torch.testing.assert_close(from_ds.vectors[1], from_list.vectors[1], rtol=1e-4, atol=1e-4)  # PNG round trip of HF datasets
+    torch.testing.assert_close(from_json.vectors[1], from_list.vectors[1], rtol=1e-4, atol=1e-4)
+    records[1]["conversations"] = [{"from": "gpt", "value": "no human turn"}]
+    (tmp_path / "bad.json").write_text(json.dumps(records))
+    with pytest.raises(Exception, match=r"bad.json: row 1 \(id 's1'\): missing 'prompt'"):
+        calibrate(tiny_llava, tiny_llava_processor, tmp_path / "bad.json", layers=[1], progress=False)

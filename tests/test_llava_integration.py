@@ -139,3 +139,44 @@ def test_reorder_helper():
 
     assert _reorder_retrieved("<image>\nRetrieved Text: a dog. What?", "Retrieved Text: a dog. ") == "Retrieved Text: a dog. <image>\nWhat?"
     assert _reorder_retrieved("What? <image>", "Retrieved Text: a dog. ") == "What? <image>"
+
+
+def test_plugin_parameters_are_saved_beside_the_adapter(tmp_path):
+    """A method with trainable parameters gets them written next to mm_projector.bin."""
+    from dataclasses import dataclass
+
+    from safetensors.torch import load_file
+
+    from lvlm_safety_plugins import Method, Runtime, hookimpl, load_recipe, register_plugin
+    from lvlm_safety_plugins.integrations.llava import save_plugin_state
+
+    @dataclass
+    class Cfg:
+        size: int = 3
+
+    class Gate(Method):
+        name = "gate_param"
+        kind = "loss"
+        config_class = Cfg
+
+        def __init__(self, config, runtime=None):
+            super().__init__(config, runtime)
+            self.weight = torch.nn.Parameter(torch.arange(float(config.size)))
+
+        def trainable_state(self):
+            return {"weight": self.weight}
+
+        def state_dict(self):
+            return {"size": self.config.size}
+
+    class Plugin:
+        @hookimpl
+        def register_methods(self, register):
+            register(Gate)
+
+    register_plugin(Plugin(), "gate-plugin")
+    runtime = Runtime(load_recipe({"plugins": ["gate_param"]}))
+    written = save_plugin_state(runtime, tmp_path)
+    assert [p.rsplit("/", 1)[-1] for p in written] == ["lvlm_safety_state.json", "lvlm_safety_plugins.safetensors"]
+    assert torch.equal(load_file(str(tmp_path / "lvlm_safety_plugins.safetensors"))["gate_param.weight"], torch.arange(3.0))
+    assert json.loads((tmp_path / "lvlm_safety_state.json").read_text())["methods"]["gate_param"] == {"size": 3}
