@@ -2,7 +2,9 @@
 
 Same model, same prompts, same vector (all layers, alpha 1) in one run. Cases:
 ``unsteered`` (the baseline), ``hooked`` (lvlm-safety-plugins CMRM hooks), ``folded``
-(the vector folded into the MLP output biases), ``steering-vectors`` (0.12.x,
+(the vector folded into the MLP output biases, savable: every MLP projection gets a
+bias), ``folded-in-memory`` (``savable=False``: only the steered output projections get
+one), ``steering-vectors`` (0.12.x,
 ``SteeringVector.apply``) and ``repeng`` (0.4, ``ControlModel``), each applying the same
 vector. Metric ``throughput``: generated tokens per second of one KV-cached decode step
 for a batch of 4, the median of interleaved repeats (whole-``generate`` timings cannot
@@ -107,10 +109,16 @@ def build_cases(model: Any, vectors: dict[int, Any], notes: list[str]) -> dict[s
     from lvlm_safety_plugins.methods.cmrm import fold_into_weights, steer
 
     cases: dict[str, tuple[Any, Callable[[], Any]]] = {"unsteered": (model, null_ctx)}
+    # the folded models are copies: time an unsteered copy too, so placement effects of
+    # a second model in memory are not taken for folding costs
+    cases["unsteered-copy"] = (copy.deepcopy(model), null_ctx)
     cases["hooked"] = (model, lambda: steer(model, vectors, alpha=1.0))
     folded = copy.deepcopy(model)
     fold_into_weights(folded, vectors, alpha=1.0)
     cases["folded"] = (folded, null_ctx)
+    fast = copy.deepcopy(model)
+    fold_into_weights(fast, vectors, alpha=1.0, savable=False)
+    cases["folded-in-memory"] = (fast, null_ctx)
     try:
         from steering_vectors import SteeringVector
 

@@ -368,3 +368,20 @@ def test_calibration_reads_hf_datasets_and_llava_json(tmp_path, tiny_llava, tiny
     (tmp_path / "bad.json").write_text(json.dumps(records))
     with pytest.raises(Exception, match=r"bad.json: row 1 \(id 's1'\): missing 'prompt'"):
         calibrate(tiny_llava, tiny_llava_processor, tmp_path / "bad.json", layers=[1], progress=False)
+
+
+def test_in_memory_fold_matches_and_refuses_to_be_saved(tiny_llava, tiny_llava_processor):
+    batch = tiny_llava_batch(tiny_llava_processor)
+    vectors = random_vectors(tiny_llava, layers=(1,))
+    with torch.no_grad(), steer(tiny_llava, vectors, alpha=0.5):
+        hooked = tiny_llava(**batch).logits
+    fast = copy.deepcopy(tiny_llava)
+    fold_into_weights(fast, vectors, alpha=0.5, savable=False)
+    layer = get_adapter(fast).decoder_layers
+    assert layer[1].mlp.down_proj.bias is not None and layer[0].mlp.down_proj.bias is None and layer[1].mlp.up_proj.bias is None
+    with torch.no_grad():
+        got = fast(**batch).logits
+    real = get_adapter(fast).layout(batch).attention_mask
+    torch.testing.assert_close(got[real], hooked[real], rtol=0, atol=1e-5)
+    with pytest.raises(Exception, match="savable=False"):
+        check_savable(fast)

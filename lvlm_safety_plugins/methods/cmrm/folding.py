@@ -47,8 +47,16 @@ def fold_into_weights(
     variant: str = "dataset",
     positions: str = "all",
     apply_to: str = "both",
+    savable: bool = True,
 ) -> list[int]:
-    """Write ``-alpha * v`` into the MLP output biases; returns the folded layers."""
+    """Write ``-alpha * v`` into the MLP output biases; returns the folded layers.
+
+    ``savable=True`` (default) also gives every other MLP projection a zero bias and
+    sets ``mlp_bias`` in the config, so ``save_pretrained`` writes a checkpoint plain
+    transformers loads as is. Those zero biases cost time on the CPU (a biased matmul
+    takes another kernel path); ``savable=False`` adds biases to the steered layers'
+    output projections only: the fastest in-memory model, but ``save_pretrained`` would
+    not keep the steering, so :func:`check_savable` refuses it."""
     if variant != "dataset" or positions != "all" or apply_to != "both":
         raise LVLMSafetyError(
             "only dataset-level CMRM on all positions of prompt and generated tokens can be folded into weights "
@@ -61,25 +69,36 @@ def fold_into_weights(
     if len(alphas) != len(chosen):
         raise ValueError(f"alpha has {len(alphas)} values for {len(chosen)} layers")
     decoder = adapter.decoder_layers
+    missing = [layer for layer in chosen if layer not in table]
+    if missing:
+        raise LVLMSafetyError(f"no calibrated vector for layers {missing}")
     for i, layer in enumerate(decoder):
         mlp = _mlp(layer, i)
-        for name in MLP_PROJECTIONS:
-            _ensure_bias(getattr(mlp, name))
+        if savable:
+            for name in MLP_PROJECTIONS:
+                _ensure_bias(getattr(mlp, name))
+        elif i in chosen:
+            _ensure_bias(mlp.down_proj)
     with torch.no_grad():
         for layer, a in zip(chosen, alphas):
-            if layer not in table:
-                raise LVLMSafetyError(f"no calibrated vector for layer {layer}")
             bias = decoder[layer].mlp.down_proj.bias
             bias -= (a * table[layer]).to(bias.device, bias.dtype)
-    adapter.text_config.mlp_bias = True
+    if savable:
+        adapter.text_config.mlp_bias = True
+    else:
+        model._lvlm_unsavable_fold = True  # type: ignore[attr-defined]
     return chosen
 
 
-def check_savable() -> None:
-    """Raise if this transformers cannot load a folded checkpoint without the plugin."""
+def check_savable(model: torch.nn.Module | None = None) -> None:
+    """Raise if a folded checkpoint would not load with plain transformers: this
+    transformers has no ``mlp_bias``, or ``model`` was folded with ``savable=False``."""
     import inspect
 
     from transformers import LlamaConfig
+
+    if model is not None and getattr(model, "_lvlm_unsavable_fold", False):
+        raise LVLMSafetyError("this model was folded with savable=False: save_pretrained would drop the CMRM biases")
 
     if "mlp_bias" not in inspect.signature(LlamaConfig.__init__).parameters:
         import transformers

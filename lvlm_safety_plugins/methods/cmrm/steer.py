@@ -46,6 +46,9 @@ _IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "images")
 @dataclass
 class _ForwardState:
     mask: torch.Tensor | None = None  # [B, T] positions to steer in the current call
+    any: bool = False  # some position is steered
+    full: bool = False  # every position is steered (no multiply by the mask needed)
+    weights: dict[Any, torch.Tensor] = field(default_factory=dict)  # mask as [B, T, 1] per (device, dtype)
     sample_shift: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H]
     busy: bool = False  # inside the extra measuring forwards: do not steer
     generate_images: dict[str, Any] = field(default_factory=dict)  # image inputs of the running generate()
@@ -205,14 +208,23 @@ class SteeringHandle:
                 mask = torch.zeros_like(layout.attention_mask)
             else:
                 mask = {"image": layout.image_mask, "text": layout.text_mask, "all": layout.attention_mask}[self.positions]
-            state.mask = mask
+            self._set_mask(state, mask)
             if self.variant == "sample":
                 state.sample_shift = self._measure(kwargs, input_ids, attention, state)
         else:  # decode: generated tokens
             steer_new = self.apply_to != "prompt" and self.positions != "image"
             shape = tuple(input_ids.shape[:2])
-            state.mask = torch.ones(shape, dtype=torch.bool, device=input_ids.device) if steer_new else torch.zeros(shape, dtype=torch.bool, device=input_ids.device)
+            self._set_mask(state, torch.full(shape, steer_new, dtype=torch.bool, device=input_ids.device))
         return None
+
+    @staticmethod
+    def _set_mask(state: _ForwardState, mask: torch.Tensor) -> None:
+        """Store the steered positions of this forward, with what every layer hook
+        would otherwise recompute (computed once per forward, not once per layer)."""
+        state.mask = mask
+        state.any = bool(mask.any())
+        state.full = state.any and bool(mask.all())
+        state.weights = {}
 
     def _measure(self, kwargs: Mapping[str, Any], input_ids: torch.Tensor, attention: Any, state: _ForwardState) -> dict[int, torch.Tensor]:
         """The per-input shift h(prompt, reference image) - h(prompt, text only) at the
@@ -263,13 +275,18 @@ class SteeringHandle:
                     f"CMRM steering at layer {layer}: the hidden states are {tuple(hidden.shape[:2])} (batch, length) "
                     f"but the steered positions are {tuple(mask.shape)}"
                 )
-            if not bool(mask.any()):
+            if not state.any:
                 return None
-            weight = mask.to(device=hidden.device, dtype=hidden.dtype).unsqueeze(-1)
             if self.variant == "dataset":
                 delta = self._vector(layer, hidden.device, hidden.dtype).view(1, 1, -1)
             else:
                 delta = (self.alpha[layer] * state.sample_shift[layer]).to(hidden.device, hidden.dtype).unsqueeze(1)
+            if state.full:
+                return replace_layer_hidden(output, hidden - delta)
+            key = (hidden.device, hidden.dtype)
+            weight = state.weights.get(key)
+            if weight is None:
+                weight = state.weights[key] = mask.to(device=hidden.device, dtype=hidden.dtype).unsqueeze(-1)
             return replace_layer_hidden(output, hidden - delta * weight)
 
         return hook
