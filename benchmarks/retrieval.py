@@ -39,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import make_rows, print_table, write_json  # noqa: E402
 
 from lvlm_safety_plugins.retrieval import CaptionIndex, IndexParams, normalize_rows  # noqa: E402
-from lvlm_safety_plugins.retrieval.index import _apply_search_params  # noqa: E402
 
 NPROBES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 EFS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -111,8 +110,7 @@ def tune(index: CaptionIndex, tune_q: np.ndarray, tune_truth: np.ndarray, target
         values = tuple(v for v in values if v <= (index.params.nlist or 1)) or (1,)
     previous = -1.0
     for value in values:
-        setattr(index.params, name, value)
-        _apply_search_params(index.index, index.params)
+        index.set_search(**{name: value})
         _, ids = index.search(tune_q, 1, gpu="never")
         got = float(np.mean(ids[:, 0] == tune_truth[:, 0]))
         if got >= target or got <= previous:  # reached, or no longer improving (PQ error bounds it)

@@ -70,11 +70,15 @@ def decode_step_timer(model: Any, tok: Any, ctx_factory: Callable[[], Any]) -> C
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    import inspect
+
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    # the KV-cache keyword: `cache` from transformers 5.24, `past_key_values` before
+    key = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
     with torch.no_grad(), ctx_factory():
         cache = DynamicCache()
         pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        out = model(**enc, past_key_values=cache, use_cache=True, position_ids=pos)
+        out = model(**enc, **{key: cache}, use_cache=True, position_ids=pos)
     prefill = enc["input_ids"].shape[1]
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     mask = torch.cat([enc["attention_mask"], torch.ones_like(nxt)], dim=1)
@@ -83,7 +87,7 @@ def decode_step_timer(model: Any, tok: Any, ctx_factory: Callable[[], Any]) -> C
     def step() -> float:
         with torch.no_grad(), ctx_factory():
             t0 = time.perf_counter()
-            model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True, position_ids=position)
+            model(input_ids=nxt, attention_mask=mask, **{key: cache}, use_cache=True, position_ids=position)
             elapsed = time.perf_counter() - t0
         extra = cache.get_seq_length() - prefill
         if extra > 0:

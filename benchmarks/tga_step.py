@@ -53,7 +53,9 @@ def build(shape: dict[str, int], device: str, dtype: Any) -> tuple[Any, dict[str
     model = LlavaForConditionalGeneration(cfg).to(device=device, dtype=dtype)
     patches = (shape["image"] // 14) ** 2
     B, T = shape["batch"], shape["text"]
-    legacy = hasattr(type(model), "_merge_input_ids_with_image_features")
+    from lvlm_safety_plugins.compat import llava_splices_image_features
+
+    legacy = llava_splices_image_features(model)
     n_img = 1 if legacy else patches
     ids = torch.randint(10, 31000, (B, T + n_img), device=device)
     ids[:, 4 : 4 + n_img] = 32000

@@ -50,7 +50,7 @@ def steered_generate(
 @contextlib.contextmanager
 def steered_pipeline(pipe: Any, recipe: Recipe | Runtime | str | Mapping[str, Any], overrides: Sequence[str] = ()) -> Iterator[Any]:
     """Steer an ``image-text-to-text`` pipeline's model inside the block; yields the
-    pipeline. Steering is context-local (see :mod:`lvlm_safety_plugins.methods.cmrm.steer`):
+    pipeline. Steering is context-local (see :mod:`lvlm_safety_plugins.steering`):
     call the pipeline in the same thread."""
     processor = getattr(pipe, "processor", None)
     with recipe_steering(pipe.model, recipe, overrides, processor=processor):

@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from transformers import Trainer
 
+from ..compat import rng_state_loading, trainer_term_scale, trainer_tokenizer
 from ..recipe import Recipe
 from ..runtime import Runtime, StepContext
 
@@ -158,7 +159,7 @@ class SafetyTrainerMixin:
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
-        host_tok = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
+        host_tok = trainer_tokenizer(self)
         tokenizer = getattr(processor, "tokenizer", None) or getattr(host_tok, "tokenizer", None) or host_tok
         self.safety = _as_runtime(recipe, recipe_overrides, processor=processor, tokenizer=tokenizer)
         self.safety.bind(self.model)  # type: ignore[attr-defined]
@@ -173,19 +174,7 @@ class SafetyTrainerMixin:
 
     def _term_scale(self, num_items_in_batch: Any) -> float:
         """Factor that puts a per-micro-batch mean term on the host loss's scale."""
-        scale = 1.0
-        accepts = bool(getattr(self, "model_accepts_loss_kwargs", False))
-        custom = getattr(self, "compute_loss_func", None) is not None
-        scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)
-        if scaled_for_ga is None:
-            scaled_for_ga = (accepts and num_items_in_batch is not None) or custom
-        if scaled_for_ga:
-            steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps  # type: ignore[attr-defined]
-            scale /= max(1, int(steps))
-        if getattr(self.args, "average_tokens_across_devices", False) and (accepts or custom) and num_items_in_batch is not None:  # type: ignore[attr-defined]
-            tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
-            scale *= max(1, self.accelerator.num_processes // max(1, tp))  # type: ignore[attr-defined]
-        return scale
+        return trainer_term_scale(self, num_items_in_batch)
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any) -> Any:
         inputs = dict(inputs)
@@ -248,13 +237,7 @@ class SafetyTrainerMixin:
         os.replace(tmp, folder / STATE_FILE)
 
     def _load_rng_state(self, checkpoint: Any) -> None:
-        # transformers 4.37 loads rng_state.pth with a plain torch.load, which torch >= 2.6
-        # refuses (weights_only=True) because of the numpy RNG state inside. Allow exactly
-        # those numpy types, nothing else.
-        safe = getattr(torch.serialization, "safe_globals", None)
-        if safe is None:
-            return super()._load_rng_state(checkpoint)  # type: ignore[misc]
-        with safe(_numpy_safe_globals()):
+        with rng_state_loading():
             return super()._load_rng_state(checkpoint)  # type: ignore[misc]
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, *args: Any, **kwargs: Any) -> None:
@@ -271,18 +254,6 @@ class SafetyTrainerMixin:
             if method is not None and hasattr(method, "load_state_dict"):
                 method.load_state_dict(method_state)
         self.safety.resumed_state = state
-
-
-def _numpy_safe_globals() -> list[Any]:
-    """numpy objects inside the Trainer's ``rng_state.pth`` (a numpy RNG state)."""
-    import numpy as np
-
-    core = getattr(np, "_core", None) or np.core
-    found: list[Any] = [core.multiarray._reconstruct, np.ndarray, np.dtype]
-    dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        found += [getattr(dtypes, n) for n in ("UInt32DType", "Int64DType", "Float64DType") if hasattr(dtypes, n)]
-    return found
 
 
 class SafetyTrainer(SafetyTrainerMixin, Trainer):

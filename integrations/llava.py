@@ -44,7 +44,6 @@ trainer imports; :func:`ensure_llava_importable` (called by ``install``) restore
 
 from __future__ import annotations
 
-import inspect
 import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -68,14 +67,9 @@ _current = threading.local()
 def ensure_llava_importable() -> None:
     """Make ``import llava.train.train`` work on transformers 5.x (restores
     ``transformers.trainer.ALL_LAYERNORM_LAYERS``, which LLaVA's trainer imports)."""
-    import transformers.trainer as trainer_module
+    from ..compat import restore_trainer_layernorm_layers
 
-    if not hasattr(trainer_module, "ALL_LAYERNORM_LAYERS"):
-        try:
-            from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
-        except ImportError:  # pragma: no cover - very new transformers
-            ALL_LAYERNORM_LAYERS = [torch.nn.LayerNorm]
-        trainer_module.ALL_LAYERNORM_LAYERS = ALL_LAYERNORM_LAYERS  # type: ignore[attr-defined]
+    restore_trainer_layernorm_layers()
 
 
 def _patch(owner: Any, name: str, value: Any) -> None:
@@ -174,16 +168,13 @@ def install(
         return batch
 
     base_trainer = T.LLaVATrainer
-    from transformers import Trainer
-
-    takes_tokenizer = "tokenizer" in inspect.signature(Trainer.__init__).parameters
+    from ..compat import trainer_tokenizer_kwargs
 
     class SafetyLLaVATrainer(SafetyTrainerMixin, base_trainer):  # type: ignore[misc,valid-type]
         """LLaVA's trainer with the installed recipe's loss plugins."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            if "tokenizer" in kwargs and not takes_tokenizer:
-                kwargs["processing_class"] = kwargs.pop("tokenizer")
+            kwargs = trainer_tokenizer_kwargs(kwargs)
             super().__init__(*args, recipe=runtime, wrap_collator=False, **kwargs)
 
     orig_save = T.safe_save_model_for_hf_trainer

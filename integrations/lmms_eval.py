@@ -207,15 +207,6 @@ class SafetyHF(lmms):
         bar.close()
         return [a if a is not None else "" for a in answers]
 
-    def _encode(self, text: str, image: Any) -> dict[str, torch.Tensor]:
-        if image is not None:
-            enc = self.processor(text=[text], images=[image], return_tensors="pt")
-        else:
-            enc = self.tokenizer([text], return_tensors="pt")
-        param = next(self._model.parameters())
-        return {k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device))
-                for k, v in dict(enc).items() if isinstance(v, torch.Tensor)}
-
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         from tqdm.auto import tqdm
 
@@ -235,8 +226,10 @@ class SafetyHF(lmms):
     def score_continuation(self, prompt: str, continuation: str, image: Any = None) -> tuple[float, bool]:
         """Summed log-probability of ``continuation``'s tokens after ``prompt`` (with the
         recipe's steering), and whether greedy decoding would produce them."""
-        full = self._encode(prompt + continuation, image)
-        n_prompt = self._encode(prompt, image)["input_ids"].shape[1]
+        encoder = HFGenerator(self._model, self.processor, self.settings)
+        images = [image] if image is not None else []
+        full = encoder.encode([prompt + continuation], images)
+        n_prompt = encoder.encode([prompt], images)["input_ids"].shape[1]
         ids = full["input_ids"][0]
         n_cont = ids.shape[0] - n_prompt
         if n_cont <= 0:

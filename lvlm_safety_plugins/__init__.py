@@ -3,6 +3,7 @@
 Public API::
 
     from lvlm_safety_plugins import hookimpl, load_recipe, Runtime, get_adapter
+    from lvlm_safety_plugins import steering   # the steering primitive (steer, add_vectors)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .methods.base import Method
 from .plugins import get_plugin_manager, register_plugin, reset_plugin_manager
 from .recipe import Recipe, available_recipes, load_recipe, recipe_from_dict
 from .runtime import Runtime, StepContext
+from . import compat, steering  # noqa: E402 - submodules of the public API
 
 __all__ = [
     "CaptureError",
@@ -40,6 +42,8 @@ __all__ = [
     "UnsupportedModelError",
     "VectorFileError",
     "__version__",
+    "compat",
+    "steering",
     "available_recipes",
     "get_adapter",
     "get_plugin_manager",

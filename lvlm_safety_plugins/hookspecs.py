@@ -227,7 +227,9 @@ def install_steering(model: "torch.nn.Module", runtime: "Runtime") -> Any:
 
     Return a handle with a ``remove()`` method (or a list of them), or ``None`` when the
     plugin does not steer. The integration removes every handle on exit, also on error,
-    in the reverse order of installation.
+    in the reverse order of installation. Build the handle with
+    :func:`lvlm_safety_plugins.steering.apply` (or ``add_vectors``): prefill/decode
+    detection, positions, padding, context-locality and exact removal come with it.
     """
 
 

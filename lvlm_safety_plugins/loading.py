@@ -20,6 +20,8 @@ def load_model_and_processor(path: str | Path, device: str = "cpu", dtype: Any =
     import transformers
     from transformers import AutoConfig
 
+    from .compat import dtype_kwargs
+
     folder = Path(path)
     if not folder.is_dir():
         raise LVLMSafetyError(f"{folder}: model folder not found")
@@ -32,8 +34,7 @@ def load_model_and_processor(path: str | Path, device: str = "cpu", dtype: Any =
     if cls is None:
         cls = transformers.AutoModelForCausalLM
     kwargs = {"local_files_only": True}
-    if dtype is not None:
-        kwargs["torch_dtype"] = dtype
+    kwargs.update(dtype_kwargs(dtype))
     model = cls.from_pretrained(folder, **kwargs).to(device).eval()
     try:
         processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)

@@ -76,7 +76,10 @@ class Runtime:
         processor: Any = None,
         tokenizer: Any = None,
     ) -> None:
+        from .compat import warn_if_untested
         from .registry import methods as registered_methods
+
+        warn_if_untested()
 
         self.global_pm = pm if pm is not None else get_plugin_manager()
         self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides, pm=self.global_pm)

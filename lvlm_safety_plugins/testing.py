@@ -34,13 +34,13 @@ PATCH_SIZE = 14
 def tiny_tokenizer(words: Sequence[str] = TINY_WORDS, wrap: bool = False) -> Any:
     """A word-level ``PreTrainedTokenizerFast`` (``<pad>``=0, ``<image>``=4); with
     ``wrap``, every text is encoded as ``<s> ... </s>`` (as CLIP's text tower expects)."""
-    import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    # transformers 4.x processors insist on a Llama tokenizer class for Llava
+    from .compat import llava_processor_needs_llama_tokenizer
+
     cls = PreTrainedTokenizerFast
-    if int(transformers.__version__.split(".")[0]) < 5 and not wrap:
+    if llava_processor_needs_llama_tokenizer() and not wrap:
         from transformers import LlamaTokenizerFast as cls  # type: ignore[no-redef]
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
@@ -125,18 +125,11 @@ def tiny_image_processor() -> Any:
 
 def build_tiny_llava_processor() -> Any:
     """A ``LlavaProcessor`` matching :func:`build_tiny_llava` (4.37 and 5.x)."""
-    import inspect
-
     from transformers import LlavaProcessor
 
-    kwargs: dict[str, Any] = {}
-    params = inspect.signature(LlavaProcessor.__init__).parameters
-    if "patch_size" in params:
-        kwargs["patch_size"] = PATCH_SIZE
-    if "vision_feature_select_strategy" in params:
-        kwargs["vision_feature_select_strategy"] = "default"
-    if "num_additional_image_tokens" in params:
-        kwargs["num_additional_image_tokens"] = 1
+    from .compat import llava_processor_kwargs
+
+    kwargs = llava_processor_kwargs(patch_size=PATCH_SIZE, strategy="default", additional_tokens=1)
     return LlavaProcessor(image_processor=tiny_image_processor(), tokenizer=tiny_tokenizer(), **kwargs)
 
 

@@ -42,21 +42,26 @@ def hidden_states(model, batch):
 
 def manual(model, batch, shifts, mask):
     """An independent forward in which ``shifts[l]`` ([H] or [B, H]) is subtracted at
-    the True positions of ``mask`` from the output of layer l."""
+    the True positions of ``mask`` from the output of layer l. Returns the layer
+    outputs it saw (as ``hidden_states[1:]`` would) and the logits."""
     adapter = get_adapter(model)
-    handles = []
-    for layer, v in shifts.items():
-        def hook(module, args, output, v=v):
+    handles, seen = [], {}
+    for layer in range(adapter.num_layers):
+        def hook(module, args, output, layer=layer):
             h = output if isinstance(output, torch.Tensor) else output[0]
-            delta = v.view(1, 1, -1) if v.dim() == 1 else v.unsqueeze(1)
-            new = h - delta * mask.unsqueeze(-1).to(h.dtype)
-            return new if isinstance(output, torch.Tensor) else (new, *output[1:])
+            if layer in shifts:
+                v = shifts[layer]
+                delta = v.view(1, 1, -1) if v.dim() == 1 else v.unsqueeze(1)
+                h = h - delta * mask.unsqueeze(-1).to(h.dtype)
+            seen[layer] = h
+            return h if isinstance(output, torch.Tensor) else (h, *output[1:])
         handles.append(adapter.decoder_layers[layer].register_forward_hook(hook, prepend=True))
     try:
-        return hidden_states(model, batch)
+        _, logits = hidden_states(model, batch)
     finally:
         for h in handles:
             h.remove()
+    return (None, *(seen[l] for l in range(adapter.num_layers))), logits
 
 
 @pytest.mark.parametrize("positions", ["image", "text", "all"])

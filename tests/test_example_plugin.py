@@ -67,4 +67,4 @@ def test_installed_example_is_discovered_through_its_entry_point(plugin_venv, tm
 def test_example_runs_through_its_recipe_with_its_own_tests(plugin_venv, tmp_path):
     proc = _run([str(plugin_venv), "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(EXAMPLE),
                  str(EXAMPLE / "tests")], cwd=tmp_path)
-    assert "2 passed" in proc.stdout
+    assert "3 passed" in proc.stdout

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..compat import DECODER_LAYER_PATHS, FINAL_NORM_PATHS, PROJECTOR_PATHS, layer_hidden, replace_layer_hidden
 from ..errors import UnsupportedModelError
 
 
@@ -28,33 +29,6 @@ def get_path(root: Any, path: str) -> Any:
         if obj is None:
             return None
     return obj
-
-
-def layer_hidden(output: Any) -> torch.Tensor:
-    """The hidden-state tensor of a decoder layer's output.
-
-    transformers 4.x decoder layers return a tuple whose first item is the hidden
-    states; 5.x layers return the tensor itself. Both are accepted.
-    """
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    hidden = getattr(output, "hidden_states", None)
-    if isinstance(hidden, torch.Tensor):
-        return hidden
-    raise TypeError(f"cannot find the hidden states in a decoder layer output of type {type(output).__name__}")
-
-
-def replace_layer_hidden(output: Any, hidden: torch.Tensor) -> Any:
-    """``output`` with its hidden-state tensor replaced, keeping its type."""
-    if isinstance(output, torch.Tensor):
-        return hidden
-    if isinstance(output, tuple):
-        return (hidden, *output[1:])
-    if isinstance(output, list):
-        return [hidden, *output[1:]]
-    raise TypeError(f"cannot replace the hidden states in a decoder layer output of type {type(output).__name__}")
 
 
 @dataclass
@@ -127,17 +101,8 @@ class ModelAdapter:
 
     family: ClassVar[str] = "?"
     model_classes: ClassVar[tuple[str, ...]] = ()
-    layer_paths: ClassVar[tuple[str, ...]] = (
-        "model.language_model.layers",  # transformers 5.x: XForConditionalGeneration.model.language_model
-        "language_model.model.layers",  # transformers 4.x: .language_model is a ...ForCausalLM
-        "model.language_model.model.layers",
-        "language_model.layers",
-        "model.layers",  # LLaVA package: LlavaLlamaForCausalLM.model is a LlamaModel
-    )
-    projector_paths: ClassVar[tuple[str, ...]] = (
-        "model.multi_modal_projector",
-        "multi_modal_projector",
-    )
+    layer_paths: ClassVar[tuple[str, ...]] = DECODER_LAYER_PATHS  # 4.x and 5.x layouts
+    projector_paths: ClassVar[tuple[str, ...]] = PROJECTOR_PATHS
     #: batch keys that carry images, removed for the text-only variant
     image_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes")
     pixel_key: ClassVar[str] = "pixel_values"
@@ -187,12 +152,7 @@ class ModelAdapter:
             f"{type(self.model).__name__}: no projector found at any of {', '.join(self.projector_paths)}"
         )
 
-    final_norm_paths: ClassVar[tuple[str, ...]] = (
-        "model.language_model.norm",
-        "language_model.model.norm",
-        "model.norm",
-        "language_model.norm",
-    )
+    final_norm_paths: ClassVar[tuple[str, ...]] = FINAL_NORM_PATHS
 
     @property
     def final_norm(self) -> nn.Module:

@@ -6,6 +6,7 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
+from .. import compat
 from .base import ModelAdapter, SequenceLayout
 
 
@@ -13,10 +14,11 @@ class HFLlavaAdapter(ModelAdapter):
     """``LlavaForConditionalGeneration``.
 
     transformers 5.x (and late 4.x) processors expand ``<image>`` into one placeholder
-    per image feature, so image positions are the placeholder positions. transformers
-    4.37 keeps one ``<image>`` token per image and the model splices the features in
-    (``_merge_input_ids_with_image_features``), which lengthens the sequence; the
-    layout then reproduces that splice arithmetic, including its left-padding rule.
+    per image feature, so image positions are the placeholder positions. Up to 4.49,
+    with one ``<image>`` token per image, the model splices the features in itself
+    (:func:`lvlm_safety_plugins.compat.llava_splices_image_features`), which lengthens
+    the sequence; the layout then reproduces that splice arithmetic, including 4.37's
+    left-padding rule.
     """
 
     family = "HF Llava"
@@ -31,7 +33,7 @@ class HFLlavaAdapter(ModelAdapter):
         return n
 
     def _splices_internally(self, input_ids: torch.Tensor) -> bool:
-        if not hasattr(type(self.model), "_merge_input_ids_with_image_features"):
+        if not compat.llava_splices_image_features(self.model):
             return False
         per_row = self.image_token_positions(input_ids).sum(dim=1)
         return bool(per_row.max() > 0) and int(per_row.max()) < self.patches_per_image
@@ -80,7 +82,7 @@ class HFQwen2VLAdapter(ModelAdapter):
 
     family = "HF Qwen2-VL"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
-    projector_paths = ("model.visual.merger", "visual.merger")
+    projector_paths = compat.QWEN2VL_PROJECTOR_PATHS
     image_keys = ("pixel_values", "image_grid_thw")
 
     def text_only_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:

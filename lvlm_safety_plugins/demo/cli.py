@@ -7,9 +7,16 @@ from typing import Any
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import sys
+
     from .run import run_demo
 
-    run_demo(quick=args.quick, seeds=args.seeds, out=args.out)
+    report = run_demo(quick=args.quick, seeds=args.seeds, out=args.out, overrides=args.override)
+    if report["failed"]:
+        names = ", ".join(sorted({f["method"] for f in report["failed"]}))
+        print(f"lvlm-safety demo: {len(report['failed'])} run(s) failed ({names}); the finished runs are in "
+              f"{args.out}/demo.json", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -18,4 +25,6 @@ def add_demo_command(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="the small size (CI): 1 seed, fewer steps")
     p.add_argument("--seeds", type=int, help="number of seeds (default 3, or 1 with --quick)")
     p.add_argument("--out", default="demo-out", help="folder for demo.json and demo.png (default: demo-out)")
+    p.add_argument("--override", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="override a key of the CMRM or TGA recipe, e.g. cmrm.alpha=0.5 or tga.layers=1-3 (repeatable)")
     p.set_defaults(func=cmd_demo)

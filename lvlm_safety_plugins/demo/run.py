@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import LVLMSafetyError
 from .world import CAPTION, IMAGE_PROMPT_CAPTION, REFUSAL, World, WorldConfig
 
 
@@ -33,6 +34,8 @@ FULL = DemoSize(text_steps=300, align_steps=400, batch_size=16, hidden=64, layer
 #: the TGA layers of the reference code (10-18 of 32), scaled to the demo LLM's layers
 TGA_OVERRIDES = ("tga.layers=1-2",)
 METHODS = ("baseline", "tga", "cmrm")
+CMRM_RECIPE = "cmrm_llava15_dataset"
+TGA_RECIPE = "tga_llava15_pretrain"
 ALIGN_LR = 1e-2
 
 
@@ -96,7 +99,7 @@ def train(model: Any, processor: Any, rows: Sequence[dict], *, part: str, steps:
                 runtime.hook.step_end(model=model, ctx=ctx)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     return losses
 
@@ -140,61 +143,128 @@ def measure(model: Any, processor: Any, world: World, steering: Any = None) -> d
     }
 
 
-def run_seed(seed: int, size: DemoSize, workdir: Path) -> dict[str, Any]:
+def split_overrides(overrides: Sequence[str]) -> dict[str, list[str]]:
+    """``key=value`` overrides of the demo's recipes, by method: ``cmrm.*`` go to the
+    CMRM recipe, ``tga.*`` to the TGA one. Each is checked by loading its recipe, so a
+    misspelt key fails before any training."""
+    from ..recipe import load_recipe
+
+    routed: dict[str, list[str]] = {"cmrm": [], "tga": list(TGA_OVERRIDES)}
+    for item in overrides:
+        section = item.split("=", 1)[0].split(".", 1)[0].strip()
+        if section not in routed or "=" not in item:
+            raise LVLMSafetyError(f"demo override {item!r}: expected cmrm.KEY=VALUE or tga.KEY=VALUE")
+        routed[section].append(item)
+    load_recipe(CMRM_RECIPE, ["cmrm.vectors=unused.safetensors", *routed["cmrm"]])
+    load_recipe(TGA_RECIPE, routed["tga"])
+    return routed
+
+
+class MethodFailed(Exception):
+    """A demo method that could not run because one it builds on failed."""
+
+
+def run_seed(seed: int, size: DemoSize, workdir: Path, overrides: dict[str, list[str]] | None = None,
+             on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """One seed: the text safety stage, then baseline, CMRM and TGA. A method that
+    raises is recorded in ``failed`` (``{method: "Type: message"}``) and the others go
+    on; ``on_update(record)`` is called after each method, finished or failed."""
     from ..recipe import load_recipe
     from ..runtime import Runtime
 
+    routed = overrides if overrides is not None else split_overrides(())
     t0 = time.perf_counter()
-    world = World(WorldConfig(seed=seed, images_per_concept=size.images_per_concept))
-    model, processor = build_model(world, size, seed)
-    # (a) the LLM's text safety mechanism
-    train(model, processor, world.text_instructions(), part="llm", steps=size.text_steps, batch_size=size.batch_size,
-          lr=3e-3, seed=seed, desc=f"seed {seed}: text instructions")
-    text_answers = generate(model, processor, world.text_requests())
+    record: dict[str, Any] = {"seed": seed, "seconds": 0.0, "methods": {}, "failed": {}}
+
+    def finish(method: str, step: Callable[[], dict[str, float]]) -> None:
+        try:
+            record["methods"][method] = step()
+        except Exception as exc:  # noqa: BLE001 - recorded, named in the report, the run goes on
+            record["failed"][method] = f"{type(exc).__name__}: {exc}"
+        record["seconds"] = time.perf_counter() - t0
+        if on_update is not None:
+            on_update(record)
+
+    try:
+        world = World(WorldConfig(seed=seed, images_per_concept=size.images_per_concept))
+        model, processor = build_model(world, size, seed)
+        # (a) the LLM's text safety mechanism
+        train(model, processor, world.text_instructions(), part="llm", steps=size.text_steps,
+              batch_size=size.batch_size, lr=3e-3, seed=seed, desc=f"seed {seed}: text instructions")
+        text_answers = generate(model, processor, world.text_requests())
+    except Exception as exc:  # noqa: BLE001 - every method needs this stage
+        reason = f"the text-safety stage failed: {type(exc).__name__}: {exc}"
+
+        def blocked() -> dict[str, float]:
+            raise MethodFailed(reason)
+
+        for method in ("baseline", "cmrm", "tga"):
+            finish(method, blocked)
+        return record
     text = {
         "text_refusal_harmful": rate([is_refusal(a) for a, r in zip(text_answers, world.text_requests()) if r["harmful"]]),
         "text_refusal_benign": rate([is_refusal(a) for a, r in zip(text_answers, world.text_requests()) if not r["harmful"]]),
     }
     initial = copy.deepcopy(model.state_dict())
-    # (c) LLaVA-style projector alignment on captions only; the same data, steps and
-    # learning rate with and without TGA
     caption_rows = world.caption_rows()
-    train(model, processor, caption_rows, part="projector", steps=size.align_steps, batch_size=size.batch_size,
-          lr=ALIGN_LR, seed=seed, desc=f"seed {seed}: projector alignment")
-    results: dict[str, dict[str, float]] = {"baseline": {**text, **measure(model, processor, world)}}
-    # CMRM on the baseline-aligned model
-    results["cmrm"] = {**text, **_cmrm(model, processor, world, workdir / f"cmrm_seed{seed}.safetensors")}
-    # TGA: the same alignment from the same starting point, with the TGA loss
-    model.load_state_dict(initial)
-    tga = Runtime(load_recipe("tga_llava15_pretrain", TGA_OVERRIDES), model=model, processor=processor)
-    train(model, processor, caption_rows, part="projector", steps=size.align_steps, batch_size=size.batch_size,
-          lr=ALIGN_LR, seed=seed, runtime=tga, desc=f"seed {seed}: projector alignment + TGA")
-    results["tga"] = {**text, **measure(model, processor, world)}
-    return {"seed": seed, "seconds": time.perf_counter() - t0, "methods": results}
+
+    def baseline() -> dict[str, float]:
+        # (c) LLaVA-style projector alignment on captions only; the same data, steps
+        # and learning rate with and without TGA
+        train(model, processor, caption_rows, part="projector", steps=size.align_steps, batch_size=size.batch_size,
+              lr=ALIGN_LR, seed=seed, desc=f"seed {seed}: projector alignment")
+        return {**text, **measure(model, processor, world)}
+
+    def cmrm() -> dict[str, float]:  # on the baseline-aligned model
+        if "baseline" not in record["methods"]:
+            raise MethodFailed("needs the baseline-aligned model, and the baseline failed")
+        vectors = workdir / f"cmrm_seed{seed}.safetensors"
+        return {**text, **_cmrm(model, processor, world, vectors, routed["cmrm"])}
+
+    def tga() -> dict[str, float]:  # the same alignment from the same start, with the TGA loss
+        model.load_state_dict(initial)
+        runtime = Runtime(load_recipe(TGA_RECIPE, routed["tga"]), model=model, processor=processor)
+        train(model, processor, caption_rows, part="projector", steps=size.align_steps, batch_size=size.batch_size,
+              lr=ALIGN_LR, seed=seed, runtime=runtime, desc=f"seed {seed}: projector alignment + TGA")
+        return {**text, **measure(model, processor, world)}
+
+    finish("baseline", baseline)
+    finish("cmrm", cmrm)
+    finish("tga", tga)
+    return record
 
 
-def _cmrm(model: Any, processor: Any, world: World, vectors: Path) -> dict[str, float]:
+def _cmrm(model: Any, processor: Any, world: World, vectors: Path, overrides: Sequence[str] = ()) -> dict[str, float]:
     from ..recipe import load_recipe
     from ..runtime import Runtime
 
-    runtime = Runtime(load_recipe("cmrm_llava15_dataset", [f"cmrm.vectors={vectors}"]), model=model, processor=processor)
+    runtime = Runtime(load_recipe(CMRM_RECIPE, [f"cmrm.vectors={vectors}", *overrides]), model=model, processor=processor)
     calibration = [{"image": r["image"], "prompt": r["prompt"]} for r in world.image_requests("train")]
     runtime.calibrate(processor, calibration)
     return measure(model, processor, world, steering=runtime.steering)
 
 
 def summarize(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean and std over the seeds each method finished on (methods that finished on
+    none are left out)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for method in METHODS:
-        metrics = per_seed[0]["methods"][method].keys()
+        done = [s["methods"][method] for s in per_seed if method in s["methods"]]
+        if not done:
+            continue
         out[method] = {}
-        for m in metrics:
-            vals = [s["methods"][method][m] for s in per_seed if not math.isnan(s["methods"][method][m])]
+        for m in done[0]:
+            vals = [d[m] for d in done if not math.isnan(d[m])]
             out[method][m] = {
                 "mean": statistics.fmean(vals) if vals else float("nan"),
                 "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
             }
     return out
+
+
+def failures(per_seed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``[{"seed", "method", "error"}]`` for every method that failed."""
+    return [{"seed": s["seed"], "method": m, "error": e} for s in per_seed for m, e in s.get("failed", {}).items()]
 
 
 COLUMNS = (
@@ -209,17 +279,27 @@ def print_table(summary: dict[str, Any], per_seed: list[dict[str, Any]]) -> None
     print()
     print("The safety-transfer problem, small scale (mean +- std over seeds; per seed in the JSON)")
     header = ["method"] + [c[1] for c in COLUMNS]
-    rows = [[m] + [f"{summary[m][k]['mean']:.2f} +- {summary[m][k]['std']:.2f}" for k, _ in COLUMNS] for m in METHODS]
+    rows = []
+    for m in METHODS:
+        if m in summary:
+            rows.append([m] + [f"{summary[m][k]['mean']:.2f} +- {summary[m][k]['std']:.2f}" for k, _ in COLUMNS])
+        else:
+            rows.append([m] + ["failed"] * len(COLUMNS))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     print("  ".join("-" * w for w in widths))
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
-    print(f"seeds: {[s['seed'] for s in per_seed]}; text benign refused: "
-          f"{summary['baseline']['text_refusal_benign']['mean']:.2f}")
+    first = next((summary[m] for m in METHODS if m in summary), None)
+    benign = f"{first['text_refusal_benign']['mean']:.2f}" if first else "n/a"
+    print(f"seeds: {[s['seed'] for s in per_seed]}; text benign refused: {benign}")
+
+
+PLOT_SKIPPED = "plot skipped: matplotlib is not installed (pip install 'lvlm-safety-plugins[plot]')"
 
 
 def plot(summary: dict[str, Any], path: Path) -> bool:
+    """Write the bar chart to ``path``; False (nothing written) without matplotlib."""
     try:
         import matplotlib
 
@@ -229,9 +309,11 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
         return False
     from ..fileio import atomic_output_path
 
+    methods = [m for m in METHODS if m in summary]
+
     fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(METHODS)
-    for i, method in enumerate(METHODS):
+    width = 0.8 / max(1, len(methods))
+    for i, method in enumerate(methods):
         xs = [j + i * width for j in range(len(COLUMNS))]
         ax.bar(xs, [summary[method][k]["mean"] for k, _ in COLUMNS], width,
                yerr=[summary[method][k]["std"] for k, _ in COLUMNS], label=method, capsize=3)
@@ -248,26 +330,56 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def run_demo(quick: bool = False, seeds: int | None = None, out: str | Path = "demo-out") -> dict[str, Any]:
+def write_plot(summary: dict[str, Any], out_dir: Path) -> tuple[str | None, str]:
+    """``(file name or None, the line to print)``: ``demo.png`` in ``out_dir``, or why
+    there is none (matplotlib missing, or no method finished)."""
+    if not summary:
+        return None, "plot skipped: no method finished"
+    if plot(summary, out_dir / "demo.png"):
+        return "demo.png", f"wrote {out_dir / 'demo.png'}"
+    return None, PLOT_SKIPPED
+
+
+def run_demo(quick: bool = False, seeds: int | None = None, out: str | Path = "demo-out",
+             overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Run the demo world and write ``demo.json`` (and ``demo.png`` with matplotlib).
+
+    The report is rewritten (atomically) after every method of every seed, so what
+    finished is kept when a later method fails or the run is interrupted. A failed
+    method is named in ``report["failed"]`` and the table; the other methods still run.
+    ``overrides``: ``cmrm.KEY=VALUE`` / ``tga.KEY=VALUE`` for the two recipes."""
     from ..fileio import atomic_write_text
 
     size = QUICK if quick else FULL
     n = seeds if seeds is not None else (1 if quick else 3)
     if n < 1:
         raise ValueError("--seeds must be >= 1")
+    routed = split_overrides(overrides)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    per_seed: list[dict[str, Any]] = []
+    report: dict[str, Any] = {}
+
+    def write(current: dict[str, Any] | None = None) -> None:
+        seeds_so_far = per_seed + ([current] if current is not None and all(current is not s for s in per_seed) else [])
+        failed = failures(seeds_so_far)
+        report.update({"size": "quick" if quick else "full", "seeds": n, "seconds": time.perf_counter() - t0,
+                       "overrides": list(overrides), "complete": False, "failed": failed,
+                       "summary": summarize(seeds_so_far), "per_seed": seeds_so_far})
+        atomic_write_text(out_dir / "demo.json", json.dumps(report, indent=2))
+
     with tempfile.TemporaryDirectory() as tmp:
-        per_seed = [run_seed(seed, size, Path(tmp)) for seed in range(n)]
-    summary = summarize(per_seed)
-    report = {"size": "quick" if quick else "full", "seeds": n, "seconds": time.perf_counter() - t0,
-              "summary": summary, "per_seed": per_seed}
+        for seed in range(n):
+            per_seed.append(run_seed(seed, size, Path(tmp), routed, on_update=write))
+    report["complete"] = not failures(per_seed)
+    report["plot"], note = write_plot(report["summary"], out_dir)
     atomic_write_text(out_dir / "demo.json", json.dumps(report, indent=2))
-    print_table(summary, per_seed)
+    print_table(report["summary"], per_seed)
     print(f"wrote {out_dir / 'demo.json'}")
-    if plot(summary, out_dir / "demo.png"):
-        print(f"wrote {out_dir / 'demo.png'}")
+    print(note)
+    for item in report["failed"]:
+        print(f"FAILED: method {item['method']!r} on seed {item['seed']}: {item['error']}")
     print(f"total time {report['seconds']:.0f} s")
     return report

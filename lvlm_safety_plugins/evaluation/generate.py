@@ -15,6 +15,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
+from ..compat import processor_has_chat_template_api
 from ..loading import open_image
 from .examples import Example
 
@@ -65,7 +66,7 @@ def build_prompt(processor: Any, example: Example, template: str | None = None) 
         else:
             content = example.prompt
         messages = [{"role": "user", "content": content}]
-        if not hasattr(processor, "apply_chat_template"):  # transformers < 4.43 processors
+        if not processor_has_chat_template_api(processor):  # transformers < 4.43 processors
             return _tokenizer(processor).apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=False, chat_template=_chat_template(processor))
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -102,27 +103,19 @@ class HFGenerator:
         param = next(self.model.parameters())
         return param.device, param.dtype
 
-    def generate(self, examples: Sequence[Example]) -> list[str]:
+    def encode(self, texts: Sequence[str], images: Sequence[Any] = ()) -> dict[str, Any]:
+        """Model inputs for ``texts`` (and PIL ``images``, one per ``<image>``): through the
+        processor, left-padded, tensors on the model's device, floats in its dtype."""
         import torch
 
-        if not examples:
-            return []
-        texts = [self.prompt_text(e) for e in examples]
-        images = []
-        for e in examples:
-            if e.image is None:
-                continue
-            images.append(open_image(e.image, e.where or e.id) if isinstance(e.image, (str, os.PathLike)) else e.image)
         tok = _tokenizer(self.processor)
         side = getattr(tok, "padding_side", None)
         tok.padding_side = "left"
         try:
             if hasattr(self.processor, "image_processor"):
-                enc = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+                enc = self.processor(text=list(texts), images=list(images) or None, return_tensors="pt", padding=True)
             else:
-                if images:
-                    raise ValueError(f"{examples[0].where}: the model has no image processor but the example has an image")
-                enc = tok(texts, return_tensors="pt", padding=True)
+                enc = tok(list(texts), return_tensors="pt", padding=True)
         finally:
             if side is not None:
                 tok.padding_side = side
@@ -134,6 +127,23 @@ class HFGenerator:
                 if value.is_floating_point():
                     value = value.to(dtype)
             batch[key] = value
+        return batch
+
+    def generate(self, examples: Sequence[Example]) -> list[str]:
+        import torch
+
+        if not examples:
+            return []
+        texts = [self.prompt_text(e) for e in examples]
+        images = []
+        for e in examples:
+            if e.image is None:
+                continue
+            images.append(open_image(e.image, e.where or e.id) if isinstance(e.image, (str, os.PathLike)) else e.image)
+        if images and not hasattr(self.processor, "image_processor"):
+            raise ValueError(f"{examples[0].where}: the model has no image processor but the example has an image")
+        batch = self.encode(texts, images)
+        tok = _tokenizer(self.processor)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         with torch.no_grad():
             out = self.model.generate(**batch, max_new_tokens=self.settings.max_new_tokens, do_sample=False, num_beams=1,

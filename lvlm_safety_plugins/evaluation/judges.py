@@ -231,9 +231,9 @@ class LLMJudge:
             dtype = getattr(torch, self.dtype, None)
             if not isinstance(dtype, torch.dtype):
                 raise JudgeError(f"llm judge: unknown dtype {self.dtype!r}")
-            import transformers
+            from ..compat import dtype_kwargs
 
-            kwargs["dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"] = dtype
+            kwargs.update(dtype_kwargs(dtype))
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(self.model_path, **kwargs)

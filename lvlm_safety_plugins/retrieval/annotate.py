@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..fileio import atomic_write
-from ..loading import DataFileError, read_records
+from ..loading import DataFileError, open_image, read_records
 from .corpus import record_image
 from .embedders import Embedder, RetrievalError, load_embedder
 from .index import CaptionIndex
@@ -85,18 +85,6 @@ def _own_captions(record: dict, image: str, index: CaptionIndex, caption_key: st
     return given + [index.texts[r] for r in rows if index.texts[r] not in given], rows
 
 
-def _open(path: Path) -> Any:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise OSError("image file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise OSError(f"unreadable image: {exc}") from None
-
-
 def annotate(
     records_path: str | Path,
     index: CaptionIndex | str | Path,
@@ -148,10 +136,10 @@ def annotate(
             for row in chunk:
                 name = record_image(records[row])
                 try:
-                    images.append(_open(folder / name))
+                    images.append(open_image(folder / name, f"image {name!r}"))
                     ok.append(row)
-                except OSError as exc:
-                    report.bad_rows.append(RowProblem(row, records[row].get("id"), name, f"{exc} ({folder / name})"))
+                except DataFileError as exc:
+                    report.bad_rows.append(RowProblem(row, records[row].get("id"), name, str(exc)))
             if ok:
                 _annotate_batch(records, ok, images, index, emb, k, near_duplicate, caption_key,
                                 retrieved_key, caption_out_key, batch_size, report, gpu)

@@ -107,13 +107,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _tune(index: Any, args: argparse.Namespace) -> None:
     """Search-time knobs given on the command line (nprobe, ef_search)."""
-    from .index import _apply_search_params
-
-    if getattr(args, "nprobe", None):
-        index.params.nprobe = args.nprobe
-    if getattr(args, "ef_search", None):
-        index.params.ef_search = args.ef_search
-    _apply_search_params(index.index, index.params)
+    index.set_search(nprobe=getattr(args, "nprobe", None) or None, ef_search=getattr(args, "ef_search", None) or None)
 
 
 def add_index_command(sub: Any) -> None:

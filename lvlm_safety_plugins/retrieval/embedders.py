@@ -119,36 +119,34 @@ class CLIPEmbedder(Embedder):
         # transformers 4.x returns the projected tensor, 5.x an output with pooler_output
         return out if hasattr(out, "dim") else out.pooler_output
 
-    def embed_texts(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    def _embed(self, items: Sequence[Any], batch_size: int, progress: bool, desc: str,
+               features: Callable[[Sequence[Any]], "torch.Tensor"]) -> np.ndarray:
+        """``features(chunk)`` for every chunk of ``items``, as unit float32 rows."""
         import torch
 
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        out = np.zeros((len(items), self.dim), dtype=np.float32)
         done = 0
-        with torch.inference_mode(), _progress(len(texts), "embed texts", progress) as bar:
-            for chunk in batched(list(texts), batch_size):
-                enc = self.tokenizer(
-                    list(chunk), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-                ).to(self.device)
-                feats = self._features(self.model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]))
-                out[done:done + len(chunk)] = feats.float().cpu().numpy()
+        with torch.inference_mode(), _progress(len(items), desc, progress) as bar:
+            for chunk in batched(list(items), batch_size):
+                out[done:done + len(chunk)] = self._features(features(chunk)).float().cpu().numpy()
                 done += len(chunk)
                 bar.update(len(chunk))
         return normalize_rows(out)
+
+    def _text_features(self, chunk: Sequence[str]) -> Any:
+        enc = self.tokenizer(list(chunk), padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt").to(self.device)
+        return self.model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+
+    def _image_features(self, chunk: Sequence[Any]) -> Any:
+        pixels = self.image_processor(images=list(chunk), return_tensors="pt")["pixel_values"]
+        return self.model.get_image_features(pixel_values=pixels.to(self.device, dtype=self.model.dtype))
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        return self._embed(texts, batch_size, progress, "embed texts", self._text_features)
 
     def embed_images(self, images: Sequence[Any], batch_size: int = 32, progress: bool = False) -> np.ndarray:
-        import torch
-
-        out = np.zeros((len(images), self.dim), dtype=np.float32)
-        done = 0
-        with torch.inference_mode(), _progress(len(images), "embed images", progress) as bar:
-            for chunk in batched(list(images), batch_size):
-                pixels = self.image_processor(images=list(chunk), return_tensors="pt")["pixel_values"]
-                pixels = pixels.to(self.device, dtype=self.model.dtype)
-                feats = self._features(self.model.get_image_features(pixel_values=pixels))
-                out[done:done + len(chunk)] = feats.float().cpu().numpy()
-                done += len(chunk)
-                bar.update(len(chunk))
-        return normalize_rows(out)
+        return self._embed(images, batch_size, progress, "embed images", self._image_features)
 
 
 class SentenceTransformerEmbedder(Embedder):

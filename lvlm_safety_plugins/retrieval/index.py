@@ -257,6 +257,16 @@ class CaptionIndex:
             _apply_search_params(self._gpu_index, self.params)
         return self._gpu_index
 
+    def set_search(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Change the search-time knobs (IVF cells searched, HNSW candidates); ``None``
+        keeps a knob as it is."""
+        if nprobe is not None:
+            self.params.nprobe = int(nprobe)
+        if ef_search is not None:
+            self.params.ef_search = int(ef_search)
+        _apply_search_params(self.index, self.params)
+        self._gpu_index = None  # a GPU copy would keep the old settings: rebuilt on the next search
+
     def search(self, queries: Any, k: int = 10, gpu: str = "auto") -> tuple[np.ndarray, np.ndarray]:
         """Scores and ids, each ``(n_queries, k)``; ids are -1 (score -inf) where fewer
         than ``k`` texts were found."""

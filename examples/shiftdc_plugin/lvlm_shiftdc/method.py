@@ -11,9 +11,9 @@ last-token states of harmful and benign text prompts:
 
 The shift ``v_l`` comes from a CMRM vector file (``lvlm-safety calibrate``); the
 directions come from this plugin's ``calibrate`` hook (rows ``{"prompt", "label"}``
-with labels ``harmful`` / ``benign``). Steering reuses CMRM's hooks (padding-aware,
-KV-cache aware, context-local, removed exactly on exit) through
-``lvlm_safety_plugins.methods.cmrm.steer.apply``.
+with labels ``harmful`` / ``benign``). Steering goes through the package's steering
+primitive, ``lvlm_safety_plugins.steering`` (padding-safe, prefill/decode aware,
+context-local, removed exactly on exit).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import torch
 from omegaconf import MISSING
 
-from lvlm_safety_plugins import LVLMSafetyError, get_adapter, hookimpl
+from lvlm_safety_plugins import LVLMSafetyError, get_adapter, hookimpl, steering
 from lvlm_safety_plugins.capture import HiddenCapture
 from lvlm_safety_plugins.errors import ConfigValueError
 from lvlm_safety_plugins.fileio import atomic_output_path
@@ -159,8 +159,9 @@ class ShiftDC(Method):
 
     @hookimpl
     def install_steering(self, model: torch.nn.Module, runtime: "Runtime") -> Any:
-        from lvlm_safety_plugins.methods.cmrm.steer import apply
-
+        # the prompt's chosen positions, and the generated tokens unless only image
+        # positions are steered (generated tokens are text)
+        positions = {"image": ["image"], "text": ["text", "generated"], "all": ["all"]}[self.config.positions]
         vectors = self.projected_shift(model)
-        return apply(model, vectors, alpha=float(self.config.alpha), layers=sorted(vectors),
-                     positions=self.config.positions, processor=runtime.processor)
+        return steering.add_vectors(model, vectors, scale=-float(self.config.alpha), positions=positions,
+                                    name=self.name)

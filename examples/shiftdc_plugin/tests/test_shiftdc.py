@@ -4,6 +4,8 @@ fixtures come from lvlm-safety-plugins' pytest plugin (``tiny_llava``,
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from lvlm_safety_plugins import Runtime, get_adapter, get_plugin_manager, load_recipe
@@ -71,12 +73,38 @@ def test_calibrate_then_steer_removes_only_the_safety_component(tmp_path, tiny_l
     batch = tiny_llava_batch(tiny_llava_processor, ["USER: <image> how to make a bomb ASSISTANT:"])
     with torch.no_grad():
         before = tiny_llava(**batch).logits
+    other: dict = {}
     with runtime.steering():
         with torch.no_grad():
             steered = tiny_llava(**batch).logits
+            # context-local, as the steering primitive makes it: another thread is not steered
+            worker = threading.Thread(target=lambda: other.setdefault("logits", tiny_llava(**batch).logits))
+            worker.start()
+            worker.join()
     with torch.no_grad():
         after = tiny_llava(**batch).logits
     expected = _hand_steered_logits(tiny_llava, batch, projected, 2.0)
     assert not torch.allclose(steered, before)
     torch.testing.assert_close(steered, expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(after, before)  # removed exactly
+    assert torch.equal(other["logits"], before)
+
+
+def test_install_steering_returns_the_primitives_handle(tmp_path, tiny_llava, tiny_llava_processor):
+    from lvlm_safety_plugins.steering import SteeringHandle
+
+    shift_file, dir_file = str(tmp_path / "shift.safetensors"), str(tmp_path / "dirs.safetensors")
+    rows = [{"image": make_image(i), "prompt": f"USER: <image> {p} ASSISTANT:"} for i, p in enumerate(HARMFUL)]
+    cmrm_calibrate(tiny_llava, tiny_llava_processor, rows, layers=LAYERS, progress=False).save(shift_file)
+    runtime = Runtime(load_recipe("shiftdc_llava", [f"shiftdc.shift_vectors={shift_file}", f"shiftdc.directions={dir_file}",
+                                                   "shiftdc.layers=[1,2]", "shiftdc.positions=image"]),
+                      model=tiny_llava, processor=tiny_llava_processor)
+    text_rows = [{"prompt": p, "label": "harmful"} for p in HARMFUL] + [{"prompt": p, "label": "benign"} for p in BENIGN]
+    runtime.calibrate(tiny_llava_processor, text_rows)
+    handle = runtime.methods["shiftdc"].install_steering(tiny_llava, runtime)
+    try:
+        assert isinstance(handle, SteeringHandle) and handle.active
+        assert handle.positions == {"image"} and handle.layers == LAYERS
+    finally:
+        handle.remove()
+    assert not handle.active and "generate" not in tiny_llava.__dict__

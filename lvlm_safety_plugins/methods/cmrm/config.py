@@ -89,6 +89,8 @@ class CMRMConfig:
             raise ConfigValueError("layers", str(exc)) from None
         if len(values) > 1 and layers is not None and len(values) != len(layers):
             raise ConfigValueError("alpha", f"alpha has {len(values)} values but {len(layers)} layers are steered")
+        if cfg.positions == Positions.image and cfg.apply_to == Phase.generated:
+            raise ConfigValueError("apply_to", "positions: image with apply_to: generated steers nothing (generated tokens are text)")
         if not 0 <= int(cfg.blank_fill) <= 255:
             raise ConfigValueError("blank_fill", f"blank_fill must be in 0-255, got {cfg.blank_fill}")
         if int(cfg.batch_size) < 1:

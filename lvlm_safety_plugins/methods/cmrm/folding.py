@@ -100,18 +100,14 @@ def fold_into_weights(
 def check_savable(model: torch.nn.Module | None = None) -> None:
     """Raise if a folded checkpoint would not load with plain transformers: this
     transformers has no ``mlp_bias``, or ``model`` was folded with ``savable=False``."""
-    import inspect
-
-    from transformers import LlamaConfig
+    from ...compat import installed_transformers, llama_config_has_mlp_bias
 
     if model is not None and getattr(model, "_lvlm_unsavable_fold", False):
         raise LVLMSafetyError("this model was folded with savable=False: save_pretrained would drop the CMRM biases")
 
-    if "mlp_bias" not in inspect.signature(LlamaConfig.__init__).parameters:
-        import transformers
-
+    if not llama_config_has_mlp_bias():
         raise LVLMSafetyError(
-            f"transformers {transformers.__version__} has no LlamaConfig.mlp_bias, so a checkpoint with folded CMRM "
+            f"transformers {installed_transformers()} has no LlamaConfig.mlp_bias, so a checkpoint with folded CMRM "
             "biases would load without them; save with transformers >= 4.41, or keep hooked steering"
         )
 

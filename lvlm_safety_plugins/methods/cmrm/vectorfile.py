@@ -11,12 +11,12 @@ from typing import Any, Mapping
 
 import torch
 
+from ...compat import VOLATILE_CONFIG_KEYS
 from ...errors import VectorFileError
 from ...fileio import atomic_output_path
 
 FORMAT = "lvlm-safety-plugins/cmrm-vectors/1"
-_VOLATILE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "_attn_implementation_autoset",
-             "architectures", "use_cache", "output_hidden_states", "output_attentions", "return_dict", "attn_implementation"}
+_VOLATILE = VOLATILE_CONFIG_KEYS
 REQUIRED_META = ("format", "model_class", "fingerprint", "hidden_size", "num_layers", "layers", "variant", "reference", "measure_at", "samples")
 
 

@@ -1,0 +1,391 @@
+"""Every coupling to transformers internals that differs between versions, in one place.
+
+The rest of the package calls the functions here and never tests a transformers
+version, a private attribute or a renamed keyword itself (``tests/test_compat.py``
+checks that). Each workaround names the versions it covers; the tested range is
+:data:`TESTED_TRANSFORMERS` (the same as ``pyproject.toml``'s requirement).
+
+======================================  =====================================================
+what differs                            versions
+======================================  =====================================================
+KV cache keyword of ``forward``         ``past_key_values`` up to 5.23; ``cache`` from 5.24
+                                        (``past_key_values`` deprecated): read neither,
+                                        find the cache by type (:func:`past_length`)
+legacy tuple caches                     4.x (``((k, v), ...)`` of ``[B, heads, T, d]``)
+decoder-layer output                    a tuple ``(hidden, ...)`` up to 4.53; the tensor
+                                        itself from 4.54 (:func:`layer_hidden`)
+image features spliced in ``forward``   HF Llava up to 4.49 with one ``<image>`` token per
+                                        image (``_merge_input_ids_with_image_features``)
+image encoded before the first forward  ``generate`` passes ``mm_encoder_outputs``, not
+                                        ``pixel_values``, from about 5.20
+``from_pretrained`` dtype keyword       ``torch_dtype`` up to 4.55; ``dtype`` from 4.56
+``Trainer`` tokenizer keyword           ``tokenizer`` up to 4.45; ``processing_class`` from
+                                        4.46 (``tokenizer`` removed in 5.0)
+``transformers.trainer``                ``ALL_LAYERNORM_LAYERS`` removed in 5.0 (the LLaVA
+                                        framework's trainer imports it)
+``LlamaConfig.mlp_bias``                from 4.41 (folded CMRM checkpoints need it)
+Trainer loss scaling                    ``num_items_in_batch`` & co. from 4.46
+                                        (:func:`trainer_term_scale`)
+``rng_state.pth`` loading               4.37 with torch >= 2.6 (:func:`rng_state_loading`)
+``output_hidden_states`` recording      by patching each layer's ``forward`` in 4.54-5.9,
+                                        by forward hooks from 5.10 (the steering primitive
+                                        edits inside ``forward``, seen by both)
+module paths inside models              ``XForConditionalGeneration.model.language_model``
+                                        from 4.52/5.x, ``.language_model.model`` before
+                                        (:data:`DECODER_LAYER_PATHS` & co.)
+``LlavaProcessor`` tokenizer class      4.x insists on a Llama tokenizer class
+``LlavaProcessor`` arguments            ``patch_size``, ``vision_feature_select_strategy``,
+                                        ``num_additional_image_tokens`` from 4.44-4.47
+processor ``apply_chat_template``       processors have it from 4.43 (before: the tokenizer)
+======================================  =====================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from typing import Any, Iterator, Mapping
+
+import torch
+
+#: the transformers versions the test suite passes on (pyproject's requirement): the
+#: floor is what LLaVA-1.5 users run, the ceiling the next minor after the newest
+#: release tested
+TESTED_TRANSFORMERS = ">=4.37.2,<5.25"
+
+#: ``config.to_dict()`` keys that say nothing about the architecture (paths, versions,
+#: dtypes, run-time switches), left out of model fingerprints. The dtype key is
+#: ``torch_dtype`` up to 4.55 and ``dtype`` from 4.56.
+VOLATILE_CONFIG_KEYS = frozenset({
+    "_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "_attn_implementation_autoset",
+    "architectures", "use_cache", "output_hidden_states", "output_attentions", "return_dict", "attn_implementation",
+})
+
+
+def installed_transformers() -> str:
+    """The installed transformers version string."""
+    import transformers
+
+    return str(transformers.__version__)
+
+
+@functools.lru_cache(maxsize=None)
+def transformers_version() -> tuple[int, int]:
+    """``(major, minor)`` of the installed transformers."""
+    parts = installed_transformers().split(".")
+    minor = "".join(ch for ch in parts[1] if ch.isdigit()) if len(parts) > 1 else "0"
+    return int(parts[0]), int(minor or 0)
+
+
+def at_least(major: int, minor: int = 0) -> bool:
+    return transformers_version() >= (major, minor)
+
+
+def version_in_tested_range(version: str | None = None) -> bool:
+    """True if ``version`` (default: the installed transformers) lies in
+    :data:`TESTED_TRANSFORMERS`."""
+    from packaging.specifiers import SpecifierSet
+
+    return SpecifierSet(TESTED_TRANSFORMERS).contains(version or installed_transformers(), prereleases=True)
+
+
+_warned = False
+
+
+def warn_if_untested(version: str | None = None) -> None:
+    """Warn once per process if ``version`` (default: the installed transformers, once
+    imported) is outside the tested range (possible with ``pip install --no-deps`` or a
+    forced install)."""
+    global _warned
+    import sys
+
+    if _warned or (version is None and "transformers" not in sys.modules):
+        return
+    version = version or installed_transformers()
+    if version_in_tested_range(version):
+        return
+    _warned = True
+    import warnings
+
+    warnings.warn(f"lvlm-safety-plugins is tested with transformers {TESTED_TRANSFORMERS}; transformers "
+                  f"{version} is installed, so steering and training hooks may misbehave",
+                  RuntimeWarning, stacklevel=3)
+
+
+# -- forward calls: the KV cache --------------------------------------------------------
+
+
+def _cache_length(value: Any) -> int | None:
+    """The number of cached positions of ``value`` if it is a KV cache, else ``None``.
+
+    A ``transformers.Cache`` (any version) answers ``get_seq_length()``; 4.x legacy
+    caches are tuples of ``(key, value)`` tensors shaped ``[batch, heads, T, dim]``."""
+    getter = getattr(value, "get_seq_length", None)
+    if callable(getter):
+        try:
+            return int(getter())
+        except Exception:  # noqa: BLE001 - an exotic cache that cannot say: not a signal
+            return None
+    if isinstance(value, (tuple, list)) and value:
+        first = value[0]
+        if isinstance(first, (tuple, list)) and first and isinstance(first[0], torch.Tensor) and first[0].dim() == 4:
+            return int(first[0].shape[-2])
+    return None
+
+
+def forward_length(args: tuple, kwargs: Mapping[str, Any]) -> int | None:
+    """The number of new positions a model ``forward`` call gets (``input_ids`` or
+    ``inputs_embeds`` length), or ``None`` if neither is there."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
+        return int(ids.shape[1])
+    embeds = kwargs.get("inputs_embeds")
+    if isinstance(embeds, torch.Tensor) and embeds.dim() >= 2:
+        return int(embeds.shape[1])
+    return None
+
+
+def past_length(args: tuple, kwargs: Mapping[str, Any], length: int | None = None) -> int:
+    """How many positions a model ``forward`` call's KV cache already holds (0: a
+    prefill), independent of what the cache keyword is called.
+
+    Three signals, the largest wins: a KV cache found among the arguments by type (not
+    by keyword: ``past_key_values`` until 5.23, ``cache`` from 5.24), an attention mask
+    wider than the new tokens (``generate`` widens it every decode step, in every
+    version), and a ``cache_position`` starting past 0."""
+    past = 0
+    for value in (*args[1:], *kwargs.values()):
+        found = _cache_length(value)
+        if found is not None:
+            past = max(past, found)
+    if length is None:
+        length = forward_length(args, kwargs)
+    mask = kwargs.get("attention_mask")
+    if length is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] > length:
+        past = max(past, int(mask.shape[1]) - length)
+    position = kwargs.get("cache_position")
+    if isinstance(position, torch.Tensor) and position.numel():
+        past = max(past, int(position.reshape(-1)[0]))
+    return past
+
+
+# -- decoder layers -------------------------------------------------------------------------
+
+
+def layer_hidden(output: Any) -> torch.Tensor:
+    """The hidden-state tensor of a decoder layer's output.
+
+    Decoder layers return a tuple whose first item is the hidden states up to 4.53, and
+    the tensor itself from 4.54; both (and model outputs with ``hidden_states``) are
+    accepted."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    hidden = getattr(output, "hidden_states", None)
+    if isinstance(hidden, torch.Tensor):
+        return hidden
+    raise TypeError(f"cannot find the hidden states in a decoder layer output of type {type(output).__name__}")
+
+
+def replace_layer_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    """``output`` with its hidden-state tensor replaced, keeping its type (a tuple up
+    to 4.53, a tensor from 4.54)."""
+    if isinstance(output, torch.Tensor):
+        return hidden
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    if isinstance(output, list):
+        return [hidden, *output[1:]]
+    raise TypeError(f"cannot replace the hidden states in a decoder layer output of type {type(output).__name__}")
+
+
+# -- models ----------------------------------------------------------------------------------
+
+#: where the decoder layers are, tried in order (adapters probe them, never one path):
+#: 4.52+ / 5.x ``XForConditionalGeneration.model.language_model``, before that
+#: ``.language_model`` is a ``...ForCausalLM``; the last is a plain ``...ForCausalLM``
+DECODER_LAYER_PATHS = (
+    "model.language_model.layers",
+    "language_model.model.layers",
+    "model.language_model.model.layers",
+    "language_model.layers",
+    "model.layers",
+)
+#: the projector: under ``.model`` from 4.52 / 5.x, at the top before
+PROJECTOR_PATHS = ("model.multi_modal_projector", "multi_modal_projector")
+#: the LLM's final norm, same layouts as :data:`DECODER_LAYER_PATHS`
+FINAL_NORM_PATHS = ("model.language_model.norm", "language_model.model.norm", "model.norm", "language_model.norm")
+#: Qwen2-VL's vision merger (the projector): under ``.model`` from 4.52 / 5.x
+QWEN2VL_PROJECTOR_PATHS = ("model.visual.merger", "visual.merger")
+
+
+def llava_splices_image_features(model: Any) -> bool:
+    """True for an HF Llava that splices image features into the sequence inside its
+    ``forward`` when given one ``<image>`` token per image (up to 4.49)."""
+    return hasattr(type(model), "_merge_input_ids_with_image_features")
+
+
+#: ``generate`` arguments that carry images; from about 5.20 ``generate`` encodes the
+#: image before the first forward and passes ``mm_encoder_outputs`` instead
+GENERATE_IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "images")
+
+
+def dtype_kwargs(dtype: Any) -> dict[str, Any]:
+    """The ``from_pretrained`` keyword for a dtype: ``torch_dtype`` up to 4.55, ``dtype``
+    from 4.56 (``torch_dtype`` is deprecated there)."""
+    if dtype is None:
+        return {}
+    return {"dtype" if at_least(4, 56) else "torch_dtype": dtype}
+
+
+def llama_config_has_mlp_bias() -> bool:
+    """``LlamaConfig(mlp_bias=...)`` exists (from 4.41)."""
+    from transformers import LlamaConfig
+
+    return "mlp_bias" in inspect.signature(LlamaConfig.__init__).parameters
+
+
+# -- training ----------------------------------------------------------------------------------
+
+
+def trainer_takes_tokenizer() -> bool:
+    """``Trainer(tokenizer=...)`` exists (up to 4.x; from 4.46 ``processing_class``)."""
+    from transformers import Trainer
+
+    return "tokenizer" in inspect.signature(Trainer.__init__).parameters
+
+
+def trainer_tokenizer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with ``tokenizer=`` renamed to ``processing_class=`` where the
+    Trainer no longer takes ``tokenizer`` (5.0 on)."""
+    if "tokenizer" in kwargs and not trainer_takes_tokenizer():
+        kwargs = dict(kwargs)
+        kwargs["processing_class"] = kwargs.pop("tokenizer")
+    return kwargs
+
+
+def trainer_tokenizer(trainer: Any) -> Any:
+    """The tokenizer or processor a Trainer holds (``processing_class`` from 4.46,
+    ``tokenizer`` before)."""
+    return getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)
+
+
+def trainer_term_scale(trainer: Any, num_items_in_batch: Any) -> float:
+    """The factor that puts a per-micro-batch mean loss term on the scale of the host
+    loss the Trainer computes.
+
+    From 4.46 the Trainer may divide the loss by the number of items across the
+    gradient-accumulation window itself (``model_accepts_loss_kwargs`` with
+    ``num_items_in_batch``, or a ``compute_loss_func``; later releases say so in
+    ``loss_is_scaled_for_ga``), and multiply it by the number of processes with
+    ``average_tokens_across_devices`` (tensor-parallel ranks excepted, ``get_tp_size``).
+    Before 4.46 none of these exist and the factor is 1."""
+    scale = 1.0
+    accepts = bool(getattr(trainer, "model_accepts_loss_kwargs", False))
+    custom = getattr(trainer, "compute_loss_func", None) is not None
+    scaled_for_ga = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if scaled_for_ga is None:
+        scaled_for_ga = (accepts and num_items_in_batch is not None) or custom
+    if scaled_for_ga:
+        steps = getattr(trainer, "current_gradient_accumulation_steps", None) or trainer.args.gradient_accumulation_steps
+        scale /= max(1, int(steps))
+    if getattr(trainer.args, "average_tokens_across_devices", False) and (accepts or custom) and num_items_in_batch is not None:
+        tp = trainer.get_tp_size() if hasattr(trainer, "get_tp_size") else 1
+        scale *= max(1, trainer.accelerator.num_processes // max(1, tp))
+    return scale
+
+
+def _numpy_safe_globals() -> list[Any]:
+    """numpy objects inside the Trainer's ``rng_state.pth`` (a numpy RNG state)."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    found: list[Any] = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        found += [getattr(dtypes, n) for n in ("UInt32DType", "Int64DType", "Float64DType") if hasattr(dtypes, n)]
+    return found
+
+
+@contextlib.contextmanager
+def rng_state_loading() -> Iterator[None]:
+    """Around the Trainer's ``_load_rng_state``: 4.37 loads ``rng_state.pth`` with a
+    plain ``torch.load``, which torch >= 2.6 refuses (``weights_only``) because of the
+    numpy RNG state inside; allow exactly those numpy types, nothing else."""
+    safe = getattr(torch.serialization, "safe_globals", None)
+    if safe is None:
+        yield
+        return
+    with safe(_numpy_safe_globals()):
+        yield
+
+
+def restore_trainer_layernorm_layers() -> None:
+    """Put ``transformers.trainer.ALL_LAYERNORM_LAYERS`` back (removed in 5.0; the
+    LLaVA framework's trainer imports it)."""
+    import transformers.trainer as trainer_module
+
+    if not hasattr(trainer_module, "ALL_LAYERNORM_LAYERS"):
+        try:
+            from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
+        except ImportError:  # pragma: no cover - newer than the tested range
+            ALL_LAYERNORM_LAYERS = [torch.nn.LayerNorm]
+        trainer_module.ALL_LAYERNORM_LAYERS = ALL_LAYERNORM_LAYERS  # type: ignore[attr-defined]
+
+
+# -- processors and tokenizers -------------------------------------------------------------------
+
+
+def llava_processor_needs_llama_tokenizer() -> bool:
+    """4.x ``LlavaProcessor`` accepts only a Llama tokenizer class (5.x: any)."""
+    return not at_least(5)
+
+
+def llava_processor_kwargs(*, patch_size: int, strategy: str = "default", additional_tokens: int = 1) -> dict[str, Any]:
+    """The ``LlavaProcessor`` arguments that expand ``<image>`` into one placeholder
+    per feature, where this version has them (4.44-4.47 on)."""
+    from transformers import LlavaProcessor
+
+    params = inspect.signature(LlavaProcessor.__init__).parameters
+    wanted = {"patch_size": patch_size, "vision_feature_select_strategy": strategy,
+              "num_additional_image_tokens": additional_tokens}
+    return {k: v for k, v in wanted.items() if k in params}
+
+
+def processor_has_chat_template_api(processor: Any) -> bool:
+    """Processors have ``apply_chat_template`` from 4.43 (before: only tokenizers)."""
+    return hasattr(processor, "apply_chat_template")
+
+
+__all__ = [
+    "DECODER_LAYER_PATHS",
+    "FINAL_NORM_PATHS",
+    "GENERATE_IMAGE_KEYS",
+    "PROJECTOR_PATHS",
+    "QWEN2VL_PROJECTOR_PATHS",
+    "rng_state_loading",
+    "trainer_term_scale",
+    "TESTED_TRANSFORMERS",
+    "VOLATILE_CONFIG_KEYS",
+    "installed_transformers",
+    "warn_if_untested",
+    "at_least",
+    "dtype_kwargs",
+    "forward_length",
+    "layer_hidden",
+    "llama_config_has_mlp_bias",
+    "llava_processor_kwargs",
+    "llava_processor_needs_llama_tokenizer",
+    "llava_splices_image_features",
+    "past_length",
+    "processor_has_chat_template_api",
+    "replace_layer_hidden",
+    "restore_trainer_layernorm_layers",
+    "trainer_takes_tokenizer",
+    "trainer_tokenizer",
+    "trainer_tokenizer_kwargs",
+    "transformers_version",
+    "version_in_tested_range",
+]

@@ -1,0 +1,565 @@
+"""The steering primitive: edit decoder hidden states inside ``forward`` and ``generate``.
+
+Every steering method (CMRM, the example ShiftDC plugin, third-party methods) installs
+its hooks through :func:`apply` (or :func:`steer`, its context-manager form) and says
+only *what* to add to the hidden states; this module decides *where* and *when*:
+
+- **Prefill or decode** is read off the forward call itself, not off keyword names
+  that move between transformers versions: a forward whose KV cache (found by type)
+  already holds positions, or whose attention mask is wider than its new tokens, is a
+  decode step (:func:`lvlm_safety_plugins.compat.past_length`).
+- **Positions**: ``"image"`` (image-feature positions of the prompt), ``"text"`` (the
+  prompt's text tokens), ``"generated"`` (tokens fed in decode steps), or a set of
+  them; ``"prompt"`` is image + text and ``"all"`` is all three. Prompt positions come
+  from the model adapter's :class:`~lvlm_safety_plugins.adapters.SequenceLayout` in
+  the decoder's own coordinates (models that splice image features in are handled by
+  their adapter). Padding is never steered, in the prompt or in decode steps.
+- **Context-local** (the default, ``scope="context"``): a handle steers only the
+  thread, asyncio task or ``contextvars`` context that applied it; other callers of the
+  same model see it unsteered. ``scope="global"`` steers every caller.
+- **Exact removal**: ``remove()`` (or leaving the ``with`` block, also on an exception)
+  takes every hook off; steering never writes to a weight.
+
+A method supplies an *edit*: ``edit(layer, hidden, step) -> delta`` returns what is
+added to the layer's output hidden states ``[batch, length, hidden]``, a tensor that
+broadcasts to them (``[hidden]``, ``[batch, 1, hidden]`` or the full shape), or
+``None`` to leave this layer alone in this forward. The primitive applies it only at
+the chosen positions. An optional ``prepare(step)`` runs once per prompt (prefill)
+forward, before any layer: the place to measure something per input (CMRM's
+sample-level shift) and keep it in ``step.memory``, which lasts through the decode
+steps that follow. Extra forwards made there must run inside :func:`unsteered`.
+
+>>> from lvlm_safety_plugins import steering
+>>> with steering.add_vectors(model, {10: v10, 11: v11}, scale=-1.0, positions="image"):  # doctest: +SKIP
+...     model.generate(**inputs)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
+
+import torch
+
+from . import compat
+from .adapters import get_adapter
+from .adapters.base import ModelAdapter, SequenceLayout
+from .errors import LVLMSafetyError
+
+#: the position kinds a steering handle can act on
+POSITION_KINDS = ("image", "text", "generated")
+#: names for sets of position kinds
+POSITION_ALIASES: Mapping[str, frozenset[str]] = {
+    "prompt": frozenset({"image", "text"}),
+    "all": frozenset(POSITION_KINDS),
+}
+PHASES = ("prompt", "generated")
+
+Positions = Union[str, Iterable[str]]
+Edit = Callable[[int, torch.Tensor, "SteeringStep"], "torch.Tensor | None"]
+Prepare = Callable[["SteeringStep"], None]
+
+_ACTIVE: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("lvlm_safety_steering_active", default=frozenset())
+_STATES: contextvars.ContextVar[tuple[int, dict[int, "_State"]] | None] = contextvars.ContextVar(
+    "lvlm_safety_steering_states", default=None)
+_SUSPENDED: contextvars.ContextVar[int] = contextvars.ContextVar("lvlm_safety_steering_suspended", default=0)
+_GENERATE: contextvars.ContextVar[Mapping[int, "_GenerateCall"]] = contextvars.ContextVar(
+    "lvlm_safety_steering_generate", default={})
+_ids = itertools.count(1)
+_wrap_lock = threading.Lock()
+_wrapped: dict[int, list[Any]] = {}  # id(model) -> [handles using it, wrapper, previous instance attribute or None]
+_DISPATCH_ATTR = "_lvlm_safety_steering_dispatch"
+
+
+def resolve_positions(positions: Positions) -> frozenset[str]:
+    """``"image"``, ``"text"``, ``"generated"``, ``"prompt"``, ``"all"`` or a collection
+    of them, as a set of position kinds."""
+    names = [positions] if isinstance(positions, str) else list(positions)
+    out: set[str] = set()
+    for name in names:
+        if name in POSITION_ALIASES:
+            out |= POSITION_ALIASES[name]
+        elif name in POSITION_KINDS:
+            out.add(name)
+        else:
+            valid = ", ".join((*POSITION_KINDS, *POSITION_ALIASES))
+            raise ValueError(f"unknown steering position {name!r}; valid: {valid}")
+    if not out:
+        raise ValueError("no steering positions given")
+    return frozenset(out)
+
+
+@dataclass
+class SteeringStep:
+    """What an edit knows about the forward call it is steering.
+
+    ``phase`` is ``"prompt"`` (a prefill: nothing in the KV cache yet) or
+    ``"generated"`` (a decode step, or any continuation of a cached sequence).
+    ``mask`` is the bool ``[batch, length]`` of the positions steered in this forward
+    (never padding). ``layout`` (prompt phase only) places image, text and padding in
+    the decoder's sequence. ``inputs`` are the forward's keyword arguments; in the
+    prompt phase of a ``generate`` call they also hold the ``generate`` call's
+    ``input_ids``/``attention_mask`` where the forward got embeddings only, and its
+    image inputs where the forward got encoded features only. ``memory`` is the
+    handle's per-context store, emptied at every prompt forward and kept through the
+    decode steps that follow.
+    """
+
+    phase: str
+    past_length: int
+    mask: torch.Tensor
+    inputs: Mapping[str, Any]
+    memory: dict[str, Any]
+    layout: SequenceLayout | None = None
+    any: bool = False
+    full: bool = False
+    _weights: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def weight(self, like: torch.Tensor) -> torch.Tensor:
+        """The mask as ``[batch, length, 1]`` in ``like``'s device and dtype (cached)."""
+        key = (like.device, like.dtype)
+        out = self._weights.get(key)
+        if out is None:
+            out = self._weights[key] = self.mask.to(device=like.device, dtype=like.dtype).unsqueeze(-1)
+        return out
+
+
+@dataclass
+class _State:
+    memory: dict[str, Any] = field(default_factory=dict)
+    step: SteeringStep | None = None
+
+
+@dataclass
+class _GenerateCall:
+    args: tuple
+    kwargs: dict[str, Any]
+
+    def input_ids(self) -> tuple[Any, Any]:
+        ids = self.kwargs.get("input_ids", self.kwargs.get("inputs", self.args[0] if self.args else None))
+        return (ids, self.kwargs.get("attention_mask")) if isinstance(ids, torch.Tensor) else (None, None)
+
+
+@contextlib.contextmanager
+def unsteered() -> Iterator[None]:
+    """Inside the block, no steering handle acts in this context: for the extra
+    forwards a method makes to measure the unsteered model (CMRM's sample level)."""
+    token = _SUSPENDED.set(_SUSPENDED.get() + 1)
+    try:
+        yield
+    finally:
+        _SUSPENDED.reset(token)
+
+
+def _acquire_generate(model: torch.nn.Module) -> None:
+    """Wrap ``model.generate`` once per model (shared by its handles) so that the
+    prefill forward can see the ``generate`` call's own inputs."""
+    if not callable(getattr(model, "generate", None)):
+        return
+    with _wrap_lock:
+        entry = _wrapped.get(id(model))
+        if entry is not None and model.__dict__.get("generate") is entry[1]:
+            entry[0] += 1
+            return
+        previous = model.__dict__.get("generate")
+        original = model.generate
+        key = id(model)
+
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            token = _GENERATE.set({**_GENERATE.get(), key: _GenerateCall(args, kwargs)})
+            try:
+                return original(*args, **kwargs)
+            finally:
+                _GENERATE.reset(token)
+
+        generate.__wrapped__ = original  # type: ignore[attr-defined]
+        generate.__doc__ = getattr(original, "__doc__", None)
+        model.generate = generate  # type: ignore[method-assign]
+        _wrapped[key] = [1, generate, previous]
+
+
+def _release_generate(model: torch.nn.Module) -> None:
+    with _wrap_lock:
+        entry = _wrapped.get(id(model))
+        if entry is None:
+            return
+        entry[0] -= 1
+        if entry[0] > 0:
+            return
+        del _wrapped[id(model)]
+        if model.__dict__.get("generate") is entry[1]:
+            if entry[2] is None:
+                del model.generate
+            else:
+                model.generate = entry[2]  # type: ignore[method-assign]
+
+
+class _LayerDispatch:
+    """One decoder layer's steering: its ``forward``, wrapped once (at the instance)
+    for every handle that steers it, applies their edits in the order they were
+    installed.
+
+    Not a forward hook: transformers 4.54 to 5.9 record ``output_hidden_states`` by
+    patching each layer's ``forward`` during the call, which forward hooks run after,
+    so hooked edits would be missing from the reported states; an edit made inside
+    ``forward`` is what every recorder, hook and later layer sees, in every version.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.previous = module.__dict__.get("forward")  # an instance-level forward someone else set, or None
+        self.inner = module.forward
+        self.edits: list[tuple[int, Callable[..., Any]]] = []
+        functools.update_wrapper(self, self.inner)  # type: ignore[arg-type]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        output = self.inner(*args, **kwargs)
+        for _, fn in tuple(self.edits):
+            new = fn(self.module, args, output)
+            if new is not None:
+                output = new
+        return output
+
+    @classmethod
+    def add(cls, module: torch.nn.Module, key: int, fn: Callable[..., Any]) -> "_Removal":
+        with _wrap_lock:
+            dispatch = module.__dict__.get(_DISPATCH_ATTR)
+            if not isinstance(dispatch, cls) or module.__dict__.get("forward") is not dispatch:
+                dispatch = cls(module)
+                module.__dict__[_DISPATCH_ATTR] = dispatch
+                module.forward = dispatch  # type: ignore[method-assign]
+            dispatch.edits.append((key, fn))
+        return _Removal(dispatch, key)
+
+    def discard(self, key: int) -> None:
+        with _wrap_lock:
+            self.edits = [(k, fn) for k, fn in self.edits if k != key]
+            if self.edits:
+                return
+            module = self.module
+            if module.__dict__.get("forward") is self:
+                if self.previous is None:
+                    del module.forward
+                else:
+                    module.forward = self.previous  # type: ignore[method-assign]
+            if module.__dict__.get(_DISPATCH_ATTR) is self:
+                del module.__dict__[_DISPATCH_ATTR]
+
+
+@dataclass
+class _Removal:
+    dispatch: _LayerDispatch
+    key: int
+
+    def remove(self) -> None:
+        self.dispatch.discard(self.key)
+
+
+class SteeringHandle:
+    """Hooks that steer one model; ``remove()`` takes them all off again.
+
+    Made by :func:`apply`; see the module documentation for what it does.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        edit: Edit,
+        *,
+        layers: Sequence[int] | None = None,
+        positions: Positions = "all",
+        prepare: Prepare | None = None,
+        scope: str = "context",
+        adapter: ModelAdapter | None = None,
+        name: str = "steering",
+    ) -> None:
+        if scope not in ("context", "global"):
+            raise ValueError(f"scope must be 'context' or 'global', got {scope!r}")
+        if not callable(edit):
+            raise TypeError(f"edit must be callable (layer, hidden, step) -> delta, got {type(edit).__name__}")
+        self.model = model
+        self.adapter = adapter if adapter is not None else get_adapter(model)
+        self.layers = self.adapter.resolve_layers(layers)
+        self.positions = resolve_positions(positions)
+        self.edit, self.prepare = edit, prepare
+        self.scope, self.name = scope, name
+        self.id = next(_ids)
+        self._handles: list[Any] = []
+        self._wrapped = False
+        try:
+            _acquire_generate(model)
+            self._wrapped = True
+            self._handles.append(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            decoder = self.adapter.decoder_layers
+            for layer in self.layers:
+                # inside the layer's forward: what output_hidden_states and every hook see
+                self._handles.append(_LayerDispatch.add(decoder[layer], self.id, self._layer_hook(layer)))
+        except BaseException:
+            self.remove()
+            raise
+        if scope == "context":
+            _ACTIVE.set(_ACTIVE.get() | {self.id})
+
+    # -- state ----------------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        """Installed, and acting in the calling context."""
+        if not self._handles:
+            return False
+        return self.scope == "global" or self.id in _ACTIVE.get()
+
+    def _acting(self) -> bool:
+        return self.active and not _SUSPENDED.get()
+
+    def _state(self, create: bool = False) -> _State | None:
+        thread = threading.get_ident()
+        held = _STATES.get()
+        if held is None or held[0] != thread:  # a context copied into another thread starts afresh
+            if not create:
+                return None
+            held = (thread, {})
+            _STATES.set(held)
+        states = held[1]
+        if create and self.id not in states:
+            states[self.id] = _State()
+        return states.get(self.id)
+
+    # -- hooks ----------------------------------------------------------------------
+
+    def _prompt_inputs(self, module: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        inputs = dict(kwargs)
+        if inputs.get("input_ids") is None and args and isinstance(args[0], torch.Tensor):
+            inputs["input_ids"] = args[0]
+        call = _GENERATE.get().get(id(self.model))
+        if call is not None:
+            if inputs.get("input_ids") is None:
+                # the LLaVA framework's generate spliced the image in and gives the
+                # forward embeddings only: lay out the ids generate was called with
+                ids, attention = call.input_ids()
+                if ids is not None:
+                    inputs["input_ids"], inputs["attention_mask"] = ids, attention
+            for key in compat.GENERATE_IMAGE_KEYS:
+                if inputs.get(key) is None and call.kwargs.get(key) is not None:
+                    inputs[key] = call.kwargs[key]
+        return inputs
+
+    def _prompt_mask(self, module: torch.nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, SequenceLayout | None]:
+        wanted = self.positions & {"image", "text"}
+        if inputs.get("input_ids") is None:
+            embeds = inputs.get("inputs_embeds")
+            if wanted == {"image", "text"} and isinstance(embeds, torch.Tensor):
+                attention = inputs.get("attention_mask")
+                B, T = embeds.shape[:2]
+                real = attention.bool() if isinstance(attention, torch.Tensor) and tuple(attention.shape) == (B, T) else \
+                    torch.ones(B, T, dtype=torch.bool, device=embeds.device)
+                return real, None
+            if not wanted and isinstance(embeds, torch.Tensor):
+                return torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device), None
+            raise LVLMSafetyError(
+                f"{self.name}: steering image or text positions needs input_ids in the forward of "
+                f"{type(module).__name__} (it got inputs_embeds only, outside a generate call)"
+            )
+        layout = self.adapter.layout({"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")})
+        if wanted == {"image", "text"}:
+            mask = layout.attention_mask
+        elif wanted == {"image"}:
+            mask = layout.image_mask
+        elif wanted == {"text"}:
+            mask = layout.text_mask
+        else:
+            mask = torch.zeros_like(layout.attention_mask)
+        return mask, layout
+
+    def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._acting():
+            return None
+        state = self._state(create=True)
+        assert state is not None
+        length = compat.forward_length(args, kwargs)
+        past = compat.past_length(args, kwargs, length)
+        if past == 0:
+            inputs = self._prompt_inputs(module, args, kwargs)
+            mask, layout = self._prompt_mask(module, inputs)
+            state.memory = {}
+            step = SteeringStep("prompt", 0, mask.bool(), inputs, state.memory, layout)
+        else:
+            if length is None:
+                raise LVLMSafetyError(f"{self.name}: a decode step of {type(module).__name__} got neither input_ids nor inputs_embeds")
+            batch = self._batch_size(args, kwargs)
+            mask = torch.zeros(batch, length, dtype=torch.bool, device=self._device(args, kwargs))
+            if "generated" in self.positions:
+                attention = kwargs.get("attention_mask")
+                if isinstance(attention, torch.Tensor) and attention.dim() == 2 and attention.shape[1] >= length:
+                    mask = attention[:, -length:].to(mask.device).bool()  # padding-safe continuation
+                else:
+                    mask = ~mask
+            step = SteeringStep("generated", past, mask, kwargs, state.memory)
+        step.any = bool(step.mask.any())
+        step.full = step.any and bool(step.mask.all())
+        state.step = None  # a failing prepare leaves no half-made step behind
+        if step.phase == "prompt" and self.prepare is not None:
+            self.prepare(step)
+        state.step = step
+        return None
+
+    @staticmethod
+    def _batch_size(args: tuple, kwargs: Mapping[str, Any]) -> int:
+        for value in (kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")):
+            if isinstance(value, torch.Tensor):
+                return int(value.shape[0])
+        return 1
+
+    @staticmethod
+    def _device(args: tuple, kwargs: Mapping[str, Any]) -> torch.device:
+        for value in (kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")):
+            if isinstance(value, torch.Tensor):
+                return value.device
+        return torch.device("cpu")
+
+    def _layer_hook(self, layer: int) -> Callable[..., Any]:
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+            if not self._acting():
+                return None
+            state = self._state()
+            if state is None or state.step is None:
+                return None
+            step = state.step
+            hidden = compat.layer_hidden(output)
+            if tuple(step.mask.shape) != tuple(hidden.shape[:2]):
+                raise LVLMSafetyError(
+                    f"{self.name} at layer {layer}: the hidden states are {tuple(hidden.shape[:2])} (batch, length) "
+                    f"but the steered positions of this {step.phase} forward are {tuple(step.mask.shape)}"
+                )
+            if not step.any:
+                return None
+            delta = self.edit(layer, hidden, step)
+            if delta is None:
+                return None
+            if step.full:
+                return compat.replace_layer_hidden(output, hidden + delta)
+            return compat.replace_layer_hidden(output, hidden + delta * step.weight(hidden))
+
+        return hook
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def remove(self) -> None:
+        """Take every hook off (idempotent)."""
+        while self._handles:
+            self._handles.pop().remove()
+        if self._wrapped:
+            self._wrapped = False
+            _release_generate(self.model)
+        held = _STATES.get()
+        if held is not None:
+            held[1].pop(self.id, None)
+        if self.scope == "context" and self.id in _ACTIVE.get():
+            _ACTIVE.set(_ACTIVE.get() - {self.id})
+
+    def __enter__(self) -> "SteeringHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else ("installed" if self._handles else "removed")
+        return (f"<SteeringHandle {self.name} layers={self.layers} positions={sorted(self.positions)} "
+                f"scope={self.scope} {state}>")
+
+
+#: ``apply(model, edit, *, layers=None, positions="all", prepare=None, scope="context",
+#: adapter=None, name="steering")``: steer ``model``: at each of ``layers`` (``None``:
+#: all; negative ids count from the end) add ``edit(layer, hidden, step)`` to the hidden
+#: states at ``positions``; ``prepare(step)`` runs once per prompt forward; ``name``
+#: appears in errors. Returns the :class:`SteeringHandle`.
+apply = SteeringHandle
+
+
+@contextlib.contextmanager
+def steer(model: torch.nn.Module, edit: Edit, **options: Any) -> Iterator[SteeringHandle]:
+    """:func:`apply` for the body of a ``with`` block; the hooks are removed on exit,
+    also when the body raises."""
+    handle = apply(model, edit, **options)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+def vector_edit(vectors: Mapping[int, torch.Tensor], scale: float | Mapping[int, float] = 1.0) -> Edit:
+    """An edit that adds ``scale_l * vectors[l]`` at layer ``l`` (a float ``scale`` for
+    every layer, or one per layer); the scaled vector is cast once per device and dtype."""
+    table = {int(l): v.detach().to(torch.float32) for l, v in vectors.items()}
+    scales = {l: float(scale) for l in table} if isinstance(scale, (int, float)) else {int(l): float(s) for l, s in scale.items()}
+    missing = sorted(set(table) - set(scales))
+    if missing:
+        raise ValueError(f"no scale for layers {missing}")
+    cache: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+    def edit(layer: int, hidden: torch.Tensor, step: SteeringStep) -> torch.Tensor | None:
+        key = (layer, hidden.device, hidden.dtype)
+        delta = cache.get(key)
+        if delta is None:
+            vector = table.get(layer)
+            if vector is None:
+                return None
+            if vector.shape[-1] != hidden.shape[-1]:
+                raise LVLMSafetyError(f"layer {layer}: the steering vector has size {vector.shape[-1]}, the hidden states {hidden.shape[-1]}")
+            delta = cache[key] = (scales[layer] * vector).to(device=hidden.device, dtype=hidden.dtype)
+        return delta
+
+    return edit
+
+
+def add_vectors(
+    model: torch.nn.Module,
+    vectors: Mapping[int, torch.Tensor],
+    *,
+    scale: float | Sequence[float] | Mapping[int, float] = 1.0,
+    positions: Positions = "all",
+    scope: str = "context",
+    name: str = "steering",
+) -> SteeringHandle:
+    """Add ``scale * vectors[l]`` to the output of every layer ``l`` in ``vectors`` at
+    ``positions`` (``scale=-alpha`` subtracts). ``scale`` is one float, one per layer in
+    sorted layer order, or a ``{layer: float}`` mapping."""
+    adapter = get_adapter(model)
+    layers = adapter.resolve_layers(sorted(int(l) for l in vectors))
+    table = {resolved: vectors[original] for resolved, original in zip(layers, sorted(vectors))}
+    if isinstance(scale, (int, float)):
+        scales: float | Mapping[int, float] = float(scale)
+    elif isinstance(scale, Mapping):
+        scales = {adapter.resolve_layers([int(l)])[0]: float(s) for l, s in scale.items()}
+    else:
+        values = [float(s) for s in scale]
+        if len(values) != len(layers):
+            raise ValueError(f"scale has {len(values)} values for {len(layers)} steered layers")
+        scales = dict(zip(layers, values))
+    for layer, vector in table.items():
+        if tuple(vector.shape) != (adapter.hidden_size,):
+            raise LVLMSafetyError(f"layer {layer}: expected a vector of size {adapter.hidden_size}, got shape {tuple(vector.shape)}")
+    return apply(model, vector_edit(table, scales), layers=layers, positions=positions, scope=scope, adapter=adapter, name=name)
+
+
+__all__ = [
+    "Edit",
+    "POSITION_ALIASES",
+    "POSITION_KINDS",
+    "Positions",
+    "Prepare",
+    "SteeringHandle",
+    "SteeringStep",
+    "add_vectors",
+    "apply",
+    "resolve_positions",
+    "steer",
+    "unsteered",
+    "vector_edit",
+]
