@@ -7,7 +7,9 @@ only *what* to add to the hidden states; this module decides *where* and *when*:
 - **Prefill or decode** is read off the forward call itself, not off keyword names
   that move between transformers versions: a forward whose KV cache (found by type)
   already holds positions, or whose attention mask is wider than its new tokens, is a
-  decode step (:func:`lvlm_safety_plugins.compat.past_length`).
+  decode step (:func:`lvlm_safety_plugins.compat.past_length`). ``generate(use_cache=False)``
+  re-runs the whole sequence at every step: the tokens past the ``generate`` call's own
+  ``input_ids`` count as generated there, and ``prepare`` runs once per call.
 - **Positions**: ``"image"`` (image-feature positions of the prompt), ``"text"`` (the
   prompt's text tokens), ``"generated"`` (tokens fed in decode steps), or a set of
   them; ``"prompt"`` is image + text and ``"all"`` is all three. Prompt positions come
@@ -99,7 +101,10 @@ class SteeringStep:
     """What an edit knows about the forward call it is steering.
 
     ``phase`` is ``"prompt"`` (a prefill: nothing in the KV cache yet) or
-    ``"generated"`` (a decode step, or any continuation of a cached sequence).
+    ``"generated"`` (a decode step, or any continuation of a cached sequence). A
+    cache-less re-run of ``generate(use_cache=False)`` is a ``"prompt"`` forward whose
+    ``mask`` also covers the generated tail (when ``"generated"`` is steered) and whose
+    ``memory`` is kept from the call's first forward.
     ``mask`` is the bool ``[batch, length]`` of the positions steered in this forward
     (never padding). ``layout`` (prompt phase only) places image, text and padding in
     the decoder's sequence. ``inputs`` are the forward's keyword arguments; in the
@@ -139,6 +144,8 @@ class _State:
 class _GenerateCall:
     args: tuple
     kwargs: dict[str, Any]
+    #: handles that have seen this call's prompt forward
+    prompted: set[int] = field(default_factory=set)
 
     def input_ids(self) -> tuple[Any, Any]:
         ids = self.kwargs.get("input_ids", self.kwargs.get("inputs", self.args[0] if self.args else None))
@@ -349,7 +356,22 @@ class SteeringHandle:
                     inputs[key] = call.kwargs[key]
         return inputs
 
-    def _prompt_mask(self, module: torch.nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, SequenceLayout | None]:
+    def _generated_tail(self, inputs: Mapping[str, Any]) -> int:
+        """How many trailing ``input_ids`` columns of a cache-less forward are tokens the
+        running ``generate`` produced: ``generate(use_cache=False)`` re-runs the whole
+        sequence at every step (0 outside such a re-run)."""
+        call = _GENERATE.get().get(id(self.model))
+        ids = inputs.get("input_ids")
+        if call is None or self.id not in call.prompted or not isinstance(ids, torch.Tensor):
+            return 0
+        prompt, _ = call.input_ids()
+        if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or ids.shape[1] <= prompt.shape[1]:
+            return 0
+        if prompt.shape[0] != ids.shape[0] or not torch.equal(ids[:, : prompt.shape[1]], prompt.to(ids.device)):
+            return 0
+        return int(ids.shape[1] - prompt.shape[1])
+
+    def _prompt_mask(self, module: torch.nn.Module, inputs: Mapping[str, Any], tail: int = 0) -> tuple[torch.Tensor, SequenceLayout | None]:
         wanted = self.positions & {"image", "text"}
         if inputs.get("input_ids") is None:
             embeds = inputs.get("inputs_embeds")
@@ -365,15 +387,23 @@ class SteeringHandle:
                 f"{self.name}: steering image or text positions needs input_ids in the forward of "
                 f"{type(module).__name__} (it got inputs_embeds only, outside a generate call)"
             )
-        layout = self.adapter.layout({"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")})
+        ids = inputs["input_ids"]
+        layout = self.adapter.layout({"input_ids": ids, "attention_mask": inputs.get("attention_mask")})
+        generated = torch.zeros_like(layout.attention_mask)
+        if tail:  # decoder positions that come from the generated ids columns
+            column = layout.token_index if layout.token_index is not None else \
+                torch.arange(layout.length, device=generated.device).expand_as(generated)
+            generated = (column >= ids.shape[1] - tail) & layout.attention_mask
         if wanted == {"image", "text"}:
-            mask = layout.attention_mask
+            mask = layout.attention_mask & ~generated
         elif wanted == {"image"}:
             mask = layout.image_mask
         elif wanted == {"text"}:
-            mask = layout.text_mask
+            mask = layout.text_mask & ~generated
         else:
             mask = torch.zeros_like(layout.attention_mask)
+        if "generated" in self.positions:
+            mask = mask | generated
         return mask, layout
 
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -383,10 +413,17 @@ class SteeringHandle:
         assert state is not None
         length = compat.forward_length(args, kwargs)
         past = compat.past_length(args, kwargs, length)
+        rerun = False
         if past == 0:
             inputs = self._prompt_inputs(module, args, kwargs)
-            mask, layout = self._prompt_mask(module, inputs)
-            state.memory = {}
+            tail = self._generated_tail(inputs)
+            rerun = tail > 0
+            mask, layout = self._prompt_mask(module, inputs, tail)
+            if not rerun:
+                state.memory = {}
+                call = _GENERATE.get().get(id(self.model))
+                if call is not None:
+                    call.prompted.add(self.id)
             step = SteeringStep("prompt", 0, mask.bool(), inputs, state.memory, layout)
         else:
             if length is None:
@@ -403,7 +440,7 @@ class SteeringHandle:
         step.any = bool(step.mask.any())
         step.full = step.any and bool(step.mask.all())
         state.step = None  # a failing prepare leaves no half-made step behind
-        if step.phase == "prompt" and self.prepare is not None:
+        if step.phase == "prompt" and not rerun and self.prepare is not None:
             self.prepare(step)
         state.step = step
         return None

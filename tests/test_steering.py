@@ -293,3 +293,43 @@ def test_the_plugin_guide_steering_example_runs(tiny_llava, tiny_llava_processor
 
         get_plugin_manager().unregister(name="doc_example_steering")
         sys.modules.pop(plugin.__name__, None)
+
+
+@pytest.mark.parametrize("positions", ["generated", "all", "text"])
+def test_generate_without_a_cache_steers_the_same_positions(tiny_llava, tiny_llava_processor, positions):
+    """generate(use_cache=False) re-runs the whole sequence every step: the generated
+    tail is still told from the prompt (and prepare still runs once), so the result
+    equals the cached run."""
+    batch = tiny_llava_batch(tiny_llava_processor)
+    v = vector(tiny_llava, seed=7, scale=2.0)
+    prepared = []
+
+    def prepare(step):
+        prepared.append(step.mask.shape)
+
+    edit = steering.vector_edit({1: v, 2: -v})
+    out = {}
+    with torch.no_grad():
+        for cached in (True, False):
+            with steering.steer(tiny_llava, edit, layers=[1, 2], positions=positions, prepare=prepare):
+                out[cached] = tiny_llava.generate(**batch, max_new_tokens=4, min_new_tokens=4, use_cache=cached, **GEN)
+        plain = tiny_llava.generate(**batch, max_new_tokens=4, min_new_tokens=4, **GEN)
+    assert len(prepared) == 2  # once per generate call, cached or not
+    assert torch.equal(out[True].sequences, out[False].sequences)
+    for a, b in zip(out[True].scores, out[False].scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert any(not torch.allclose(a, b) for a, b in zip(out[False].scores, plain.scores))
+
+
+def test_sample_level_cmrm_without_a_cache_measures_once(tiny_llava, tiny_llava_processor):
+    from lvlm_safety_plugins.methods.cmrm import steer as cmrm_steer
+
+    enc = tiny_llava_processor(text=ONE_PROMPT, images=[make_image(8)], return_tensors="pt")
+    out = {}
+    with torch.no_grad():
+        for cached in (True, False):
+            with cmrm_steer(tiny_llava, None, variant="sample", layers=[1, 3], alpha=2.0):
+                out[cached] = tiny_llava.generate(**enc, max_new_tokens=4, min_new_tokens=4, use_cache=cached, **GEN)
+    assert torch.equal(out[True].sequences, out[False].sequences)
+    for a, b in zip(out[True].scores, out[False].scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
