@@ -134,16 +134,19 @@ def _cache_length(value: Any) -> int | None:
     return None
 
 
-def forward_length(args: tuple, kwargs: Mapping[str, Any]) -> int | None:
-    """The number of new positions a model ``forward`` call gets (``input_ids`` or
-    ``inputs_embeds`` length), or ``None`` if neither is there."""
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
-        return int(ids.shape[1])
-    embeds = kwargs.get("inputs_embeds")
-    if isinstance(embeds, torch.Tensor) and embeds.dim() >= 2:
-        return int(embeds.shape[1])
+def forward_tokens(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    """The new tokens of a model ``forward`` call (``input_ids``, else
+    ``inputs_embeds``; ``[batch, length, ...]``), or ``None`` if neither is there."""
+    for value in (kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")):
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return value
     return None
+
+
+def forward_length(args: tuple, kwargs: Mapping[str, Any]) -> int | None:
+    """The number of new positions a model ``forward`` call gets, or ``None``."""
+    tokens = forward_tokens(args, kwargs)
+    return None if tokens is None else int(tokens.shape[1])
 
 
 def past_length(args: tuple, kwargs: Mapping[str, Any], length: int | None = None) -> int:
@@ -374,6 +377,7 @@ __all__ = [
     "at_least",
     "dtype_kwargs",
     "forward_length",
+    "forward_tokens",
     "layer_hidden",
     "llama_config_has_mlp_bias",
     "llava_processor_kwargs",

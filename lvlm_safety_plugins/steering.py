@@ -74,8 +74,6 @@ _GENERATE: contextvars.ContextVar[Mapping[int, "_GenerateCall"]] = contextvars.C
     "lvlm_safety_steering_generate", default={})
 _ids = itertools.count(1)
 _wrap_lock = threading.Lock()
-_wrapped: dict[int, list[Any]] = {}  # id(model) -> [handles using it, wrapper, previous instance attribute or None]
-_DISPATCH_ATTR = "_lvlm_safety_steering_dispatch"
 
 
 def resolve_positions(positions: Positions) -> frozenset[str]:
@@ -163,53 +161,60 @@ def unsteered() -> Iterator[None]:
         _SUSPENDED.reset(token)
 
 
-def _acquire_generate(model: torch.nn.Module) -> None:
-    """Wrap ``model.generate`` once per model (shared by its handles) so that the
-    prefill forward can see the ``generate`` call's own inputs."""
-    if not callable(getattr(model, "generate", None)):
-        return
-    with _wrap_lock:
-        entry = _wrapped.get(id(model))
-        if entry is not None and model.__dict__.get("generate") is entry[1]:
-            entry[0] += 1
-            return
-        previous = model.__dict__.get("generate")
-        original = model.generate
-        key = id(model)
+class _SharedWrapper:
+    """A callable set as one object's instance attribute ``attr`` (wrapping what was
+    there), shared by every handle that needs it: handles join with :meth:`join`, each
+    with a key and a payload, and the object's own attribute comes back when the last
+    one leaves."""
 
-        def generate(*args: Any, **kwargs: Any) -> Any:
-            token = _GENERATE.set({**_GENERATE.get(), key: _GenerateCall(args, kwargs)})
-            try:
-                return original(*args, **kwargs)
-            finally:
-                _GENERATE.reset(token)
+    attr: str = ""
 
-        generate.__wrapped__ = original  # type: ignore[attr-defined]
-        generate.__doc__ = getattr(original, "__doc__", None)
-        model.generate = generate  # type: ignore[method-assign]
-        _wrapped[key] = [1, generate, previous]
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner
+        self.previous = owner.__dict__.get(self.attr)  # an instance attribute someone else set, or None
+        self.inner = getattr(owner, self.attr)
+        self.users: list[tuple[int, Any]] = []
+        functools.update_wrapper(self, self.inner)  # type: ignore[arg-type]
 
+    @classmethod
+    def join(cls, owner: Any, key: int, payload: Any = None) -> "_Removal":
+        with _wrap_lock:
+            wrapper = owner.__dict__.get(cls.attr)
+            if not isinstance(wrapper, cls):
+                wrapper = cls(owner)
+                setattr(owner, cls.attr, wrapper)
+            wrapper.users.append((key, payload))
+        return _Removal(wrapper, key)
 
-def _release_generate(model: torch.nn.Module) -> None:
-    with _wrap_lock:
-        entry = _wrapped.get(id(model))
-        if entry is None:
-            return
-        entry[0] -= 1
-        if entry[0] > 0:
-            return
-        del _wrapped[id(model)]
-        if model.__dict__.get("generate") is entry[1]:
-            if entry[2] is None:
-                del model.generate
+    def leave(self, key: int) -> None:
+        with _wrap_lock:
+            self.users = [(k, p) for k, p in self.users if k != key]
+            if self.users or self.owner.__dict__.get(self.attr) is not self:
+                return
+            if self.previous is None:
+                delattr(self.owner, self.attr)
             else:
-                model.generate = entry[2]  # type: ignore[method-assign]
+                setattr(self.owner, self.attr, self.previous)
 
 
-class _LayerDispatch:
+class _GenerateRecorder(_SharedWrapper):
+    """``model.generate``, wrapped so that the prompt forward can see the ``generate``
+    call's own inputs (kept in a context variable for the length of the call)."""
+
+    attr = "generate"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        token = _GENERATE.set({**_GENERATE.get(), id(self.owner): _GenerateCall(args, kwargs)})
+        try:
+            return self.inner(*args, **kwargs)
+        finally:
+            _GENERATE.reset(token)
+
+
+class _LayerDispatch(_SharedWrapper):
     """One decoder layer's steering: its ``forward``, wrapped once (at the instance)
-    for every handle that steers it, applies their edits in the order they were
-    installed.
+    for every handle that steers it, applies their edits (the payloads) in the order
+    they were installed.
 
     Not a forward hook: transformers 4.54 to 5.9 record ``output_hidden_states`` by
     patching each layer's ``forward`` during the call, which forward hooks run after,
@@ -217,54 +222,24 @@ class _LayerDispatch:
     ``forward`` is what every recorder, hook and later layer sees, in every version.
     """
 
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-        self.previous = module.__dict__.get("forward")  # an instance-level forward someone else set, or None
-        self.inner = module.forward
-        self.edits: list[tuple[int, Callable[..., Any]]] = []
-        functools.update_wrapper(self, self.inner)  # type: ignore[arg-type]
+    attr = "forward"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         output = self.inner(*args, **kwargs)
-        for _, fn in tuple(self.edits):
-            new = fn(self.module, args, output)
+        for _, fn in tuple(self.users):
+            new = fn(self.owner, args, output)
             if new is not None:
                 output = new
         return output
 
-    @classmethod
-    def add(cls, module: torch.nn.Module, key: int, fn: Callable[..., Any]) -> "_Removal":
-        with _wrap_lock:
-            dispatch = module.__dict__.get(_DISPATCH_ATTR)
-            if not isinstance(dispatch, cls) or module.__dict__.get("forward") is not dispatch:
-                dispatch = cls(module)
-                module.__dict__[_DISPATCH_ATTR] = dispatch
-                module.forward = dispatch  # type: ignore[method-assign]
-            dispatch.edits.append((key, fn))
-        return _Removal(dispatch, key)
-
-    def discard(self, key: int) -> None:
-        with _wrap_lock:
-            self.edits = [(k, fn) for k, fn in self.edits if k != key]
-            if self.edits:
-                return
-            module = self.module
-            if module.__dict__.get("forward") is self:
-                if self.previous is None:
-                    del module.forward
-                else:
-                    module.forward = self.previous  # type: ignore[method-assign]
-            if module.__dict__.get(_DISPATCH_ATTR) is self:
-                del module.__dict__[_DISPATCH_ATTR]
-
 
 @dataclass
 class _Removal:
-    dispatch: _LayerDispatch
+    wrapper: _SharedWrapper
     key: int
 
     def remove(self) -> None:
-        self.dispatch.discard(self.key)
+        self.wrapper.leave(self.key)
 
 
 class SteeringHandle:
@@ -297,15 +272,14 @@ class SteeringHandle:
         self.scope, self.name = scope, name
         self.id = next(_ids)
         self._handles: list[Any] = []
-        self._wrapped = False
         try:
-            _acquire_generate(model)
-            self._wrapped = True
+            if callable(getattr(model, "generate", None)):
+                self._handles.append(_GenerateRecorder.join(model, self.id))
             self._handles.append(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             decoder = self.adapter.decoder_layers
             for layer in self.layers:
                 # inside the layer's forward: what output_hidden_states and every hook see
-                self._handles.append(_LayerDispatch.add(decoder[layer], self.id, self._layer_hook(layer)))
+                self._handles.append(_LayerDispatch.join(decoder[layer], self.id, self._layer_hook(layer)))
         except BaseException:
             self.remove()
             raise
@@ -339,11 +313,11 @@ class SteeringHandle:
 
     # -- hooks ----------------------------------------------------------------------
 
-    def _prompt_inputs(self, module: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    @staticmethod
+    def _prompt_inputs(args: tuple, kwargs: Mapping[str, Any], call: _GenerateCall | None) -> dict[str, Any]:
         inputs = dict(kwargs)
         if inputs.get("input_ids") is None and args and isinstance(args[0], torch.Tensor):
             inputs["input_ids"] = args[0]
-        call = _GENERATE.get().get(id(self.model))
         if call is not None:
             if inputs.get("input_ids") is None:
                 # the LLaVA framework's generate spliced the image in and gives the
@@ -356,11 +330,10 @@ class SteeringHandle:
                     inputs[key] = call.kwargs[key]
         return inputs
 
-    def _generated_tail(self, inputs: Mapping[str, Any]) -> int:
+    def _generated_tail(self, inputs: Mapping[str, Any], call: _GenerateCall | None) -> int:
         """How many trailing ``input_ids`` columns of a cache-less forward are tokens the
         running ``generate`` produced: ``generate(use_cache=False)`` re-runs the whole
         sequence at every step (0 outside such a re-run)."""
-        call = _GENERATE.get().get(id(self.model))
         ids = inputs.get("input_ids")
         if call is None or self.id not in call.prompted or not isinstance(ids, torch.Tensor):
             return 0
@@ -411,25 +384,25 @@ class SteeringHandle:
             return None
         state = self._state(create=True)
         assert state is not None
-        length = compat.forward_length(args, kwargs)
+        tokens = compat.forward_tokens(args, kwargs)
+        length = None if tokens is None else int(tokens.shape[1])
         past = compat.past_length(args, kwargs, length)
         rerun = False
         if past == 0:
-            inputs = self._prompt_inputs(module, args, kwargs)
-            tail = self._generated_tail(inputs)
+            call = _GENERATE.get().get(id(self.model))
+            inputs = self._prompt_inputs(args, kwargs, call)
+            tail = self._generated_tail(inputs, call)
             rerun = tail > 0
             mask, layout = self._prompt_mask(module, inputs, tail)
             if not rerun:
                 state.memory = {}
-                call = _GENERATE.get().get(id(self.model))
                 if call is not None:
                     call.prompted.add(self.id)
             step = SteeringStep("prompt", 0, mask.bool(), inputs, state.memory, layout)
         else:
-            if length is None:
+            if tokens is None or length is None:
                 raise LVLMSafetyError(f"{self.name}: a decode step of {type(module).__name__} got neither input_ids nor inputs_embeds")
-            batch = self._batch_size(args, kwargs)
-            mask = torch.zeros(batch, length, dtype=torch.bool, device=self._device(args, kwargs))
+            mask = torch.zeros(int(tokens.shape[0]), length, dtype=torch.bool, device=tokens.device)
             if "generated" in self.positions:
                 attention = kwargs.get("attention_mask")
                 if isinstance(attention, torch.Tensor) and attention.dim() == 2 and attention.shape[1] >= length:
@@ -444,20 +417,6 @@ class SteeringHandle:
             self.prepare(step)
         state.step = step
         return None
-
-    @staticmethod
-    def _batch_size(args: tuple, kwargs: Mapping[str, Any]) -> int:
-        for value in (kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")):
-            if isinstance(value, torch.Tensor):
-                return int(value.shape[0])
-        return 1
-
-    @staticmethod
-    def _device(args: tuple, kwargs: Mapping[str, Any]) -> torch.device:
-        for value in (kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")):
-            if isinstance(value, torch.Tensor):
-                return value.device
-        return torch.device("cpu")
 
     def _layer_hook(self, layer: int) -> Callable[..., Any]:
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
@@ -490,9 +449,6 @@ class SteeringHandle:
         """Take every hook off (idempotent)."""
         while self._handles:
             self._handles.pop().remove()
-        if self._wrapped:
-            self._wrapped = False
-            _release_generate(self.model)
         held = _STATES.get()
         if held is not None:
             held[1].pop(self.id, None)

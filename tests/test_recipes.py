@@ -81,6 +81,7 @@ def test_plugins_union_and_removal(tmp_path):
         ("plugins: [cmrm]\ncmrm: {alpha: [1, x]}\n", "cmrm.alpha", "alpha must be a number or a list of numbers"),
         ("plugins: [cmrm]\ncmrm: {layers: '9-3'}\n", "cmrm.layers", "the last layer is before the first"),
         ("plugins: [cmrm]\ncmrm: {alpha: [1, 2], layers: [1, 2, 3]}\n", "cmrm.alpha", "alpha has 2 values but 3 layers"),
+        ("plugins: [cmrm]\ncmrm: {positions: image, apply_to: generated}\n", "cmrm.apply_to", "steers nothing"),
         ("plugins: [cmrm]\ncmrm: 3\n", "cmrm", "must be a mapping"),
         ("defaults: [no_such_recipe]\n", "defaults[0]", "unknown recipe 'no_such_recipe'; available recipes: cmrm_llava15_dataset"),
         ("plugins: [cmrm]\ncmrm: {alpha: '${oc.env:LVLM_TEST_SURELY_UNSET_VAR}'}\n", None, "bad interpolation"),

@@ -159,9 +159,11 @@ class ShiftDC(Method):
 
     @hookimpl
     def install_steering(self, model: torch.nn.Module, runtime: "Runtime") -> Any:
+        from lvlm_safety_plugins.methods.cmrm.steer import steered_positions
+
         # the prompt's chosen positions, and the generated tokens unless only image
-        # positions are steered (generated tokens are text)
-        positions = {"image": ["image"], "text": ["text", "generated"], "all": ["all"]}[self.config.positions]
+        # positions are steered (generated tokens are text), as CMRM does
+        positions = steered_positions(self.config.positions, "both")
         vectors = self.projected_shift(model)
         return steering.add_vectors(model, vectors, scale=-float(self.config.alpha), positions=positions,
                                     name=self.name)

@@ -89,8 +89,12 @@ class CMRMConfig:
             raise ConfigValueError("layers", str(exc)) from None
         if len(values) > 1 and layers is not None and len(values) != len(layers):
             raise ConfigValueError("alpha", f"alpha has {len(values)} values but {len(layers)} layers are steered")
-        if cfg.positions == Positions.image and cfg.apply_to == Phase.generated:
-            raise ConfigValueError("apply_to", "positions: image with apply_to: generated steers nothing (generated tokens are text)")
+        from .steer import steered_positions
+
+        try:
+            steered_positions(cfg.positions.value, cfg.apply_to.value)
+        except ValueError as exc:
+            raise ConfigValueError("apply_to", str(exc)) from None
         if not 0 <= int(cfg.blank_fill) <= 255:
             raise ConfigValueError("blank_fill", f"blank_fill must be in 0-255, got {cfg.blank_fill}")
         if int(cfg.batch_size) < 1:

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from ... import compat
-from ...adapters import get_adapter
+from ...adapters import ModelAdapter, get_adapter
 from ...capture import HiddenCapture
 from ...errors import LVLMSafetyError
 from ...steering import SteeringHandle, SteeringStep, apply as apply_edit, unsteered, vector_edit
@@ -60,9 +60,9 @@ class _SampleShift:
     """The sample-level variant: measure h(prompt, reference) - h(prompt, text only)
     per input in ``prepare``, subtract ``alpha_l`` times it in ``edit``."""
 
-    def __init__(self, model: torch.nn.Module, layers: list[int], alpha: Mapping[int, float], *, reference: str,
-                 measure_at: str, processor: Any, noise_seed: int, blank_fill: int) -> None:
-        self.model, self.adapter = model, get_adapter(model)
+    def __init__(self, model: torch.nn.Module, adapter: ModelAdapter, layers: list[int], alpha: Mapping[int, float], *,
+                 reference: str, measure_at: str, processor: Any, noise_seed: int, blank_fill: int) -> None:
+        self.model, self.adapter = model, adapter
         self.layers, self.alpha = layers, alpha
         self.reference, self.measure_at = reference, measure_at
         self.processor, self.noise_seed, self.blank_fill = processor, noise_seed, blank_fill
@@ -138,7 +138,7 @@ def apply(
     if variant == "dataset":
         edit = vector_edit({l: table[l] for l in chosen}, {l: -a for l, a in by_layer.items()})
         return apply_edit(model, edit, **common)
-    sample = _SampleShift(model, chosen, by_layer, reference=reference, measure_at=measure_at, processor=processor,
+    sample = _SampleShift(model, adapter, chosen, by_layer, reference=reference, measure_at=measure_at, processor=processor,
                           noise_seed=noise_seed, blank_fill=blank_fill)
     return apply_edit(model, sample.edit, prepare=sample.prepare, **common)
 
