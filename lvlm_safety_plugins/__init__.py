@@ -14,6 +14,7 @@ from .adapters import ModelAdapter, SequenceLayout, get_adapter
 from .capture import HiddenCapture
 from .errors import (
     CaptureError,
+    GradientError,
     LVLMSafetyError,
     PluginError,
     RecipeError,
@@ -29,6 +30,7 @@ from . import compat, steering  # noqa: E402 - submodules of the public API
 
 __all__ = [
     "CaptureError",
+    "GradientError",
     "HiddenCapture",
     "LVLMSafetyError",
     "Method",

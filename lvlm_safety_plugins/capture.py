@@ -1,9 +1,13 @@
 """Hidden-state capture: forward hooks that pool per layer over token masks on the fly.
 
-Only the pooled ``[batch, hidden]`` vectors are kept, never a layer's full
-``[batch, length, hidden]`` states, so capturing many layers of a long multimodal
-sequence costs almost no memory. Pooling keeps the autograd graph unless
-``detach=True``, so training losses (TGA) can back-propagate through it.
+With ``detach=True`` only the pooled ``[batch, hidden]`` vectors are kept, never a
+layer's full ``[batch, length, hidden]`` states, so capturing many layers of a long
+multimodal sequence costs almost no memory. Without it (training losses such as TGA,
+which back-propagate through the pooled states) the hook keeps a reference to the
+layer's output and pools it when the result is read, after the forward: a hook runs
+inside the layer's gradient checkpoint on transformers 4.x, and differentiable work
+done there would be missing when the checkpoint recomputes the layer without the hook
+(torch refuses that). The output is kept alive by autograd for the backward anyway.
 
 >>> with HiddenCapture(adapter, layers=[10, 11], masks={"image": layout.image_mask}) as cap:  # doctest: +SKIP
 ...     model(**batch)
@@ -13,7 +17,8 @@ torch.Size([batch, hidden])
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 import torch
 
@@ -26,8 +31,40 @@ if TYPE_CHECKING:  # pragma: no cover
 POOLINGS = ("mean", "last")
 
 
-class _StopForward(Exception):
-    """Raised by a capture hook to end a forward early (see :meth:`HiddenCapture.run`)."""
+@contextlib.contextmanager
+def truncated_decoder(adapter: "ModelAdapter", last: int) -> Iterator[None]:
+    """Inside the block the model's decoder runs only its layers ``0..last``.
+
+    The module that holds the decoder layers gets a shorter ``ModuleList`` of the same
+    layer modules for the length of the block and its own list back afterwards (also
+    on error); no layer, parameter or hook is touched, and every forward runs to its
+    end without an exception, so hooks that pair up around a forward (DeepSpeed ZeRO-3
+    gathers parameters in a pre-hook and releases them in the matching post-hook) stay
+    balanced. The final norm and the LM head then run on layer ``last``'s output.
+    Another thread using the same model at the same time would see the short decoder:
+    use it for teacher and calibration passes, not on a model that is serving.
+    """
+    owner, attr = adapter.decoder_owner
+    layers = owner._modules[attr]
+    assert isinstance(layers, torch.nn.ModuleList)
+    n = len(layers)
+    if not 0 <= last < n:
+        raise CaptureError(f"cannot stop after layer {last}: {type(adapter.model).__name__} has {n} decoder layers (0-{n - 1})")
+    if last == n - 1:
+        yield
+        return
+    owner._modules[attr] = torch.nn.ModuleList(list(layers)[: last + 1])
+    try:
+        yield
+    finally:
+        owner._modules[attr] = layers
+
+
+def run_to_layer(adapter: "ModelAdapter", model: torch.nn.Module, last: int, **inputs: Any) -> Any:
+    """``model(**inputs, use_cache=False)`` with the decoder stopped after layer
+    ``last`` (:func:`truncated_decoder`); returns the model's (then meaningless) output."""
+    with truncated_decoder(adapter, last):
+        return model(**inputs, use_cache=False)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch.Tensor:
@@ -87,9 +124,9 @@ class HiddenCapture:
         self.pooling = pooling
         self.detach = detach
         self.on_mismatch = on_mismatch
-        self.pooled: dict[str, dict[int, torch.Tensor]] = {}
+        self._pooled: dict[str, dict[int, torch.Tensor]] = {}
+        self._raw: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
-        self._stop_after: int | None = None
         if masks:
             self.set_masks(masks)
 
@@ -102,7 +139,18 @@ class HiddenCapture:
             if mask.dim() != 2:
                 raise CaptureError(f"mask {name!r} must be [batch, length], got shape {tuple(mask.shape)}")
         self.masks = {k: v.bool() for k, v in masks.items()}
-        self.pooled = {k: {} for k in self.masks}
+        self._pooled = {k: {} for k in self.masks}
+        self._raw = {}
+
+    @property
+    def pooled(self) -> dict[str, dict[int, torch.Tensor]]:
+        """``{mask name: {layer: [batch, hidden]}}`` of the last forward."""
+        if self._raw:
+            raw, self._raw = self._raw, {}
+            for layer, hidden in raw.items():
+                for name, mask in self.masks.items():
+                    self._pooled[name][layer] = pool(hidden, mask, self.pooling)
+        return self._pooled
 
     def _hook(self, layer: int):
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -117,27 +165,26 @@ class HiddenCapture:
                         f"layer {layer}: hidden states have shape {tuple(hidden.shape[:2])} "
                         f"(batch, length) but mask {name!r} has shape {tuple(mask.shape)}"
                     )
-                pooled = pool(hidden, mask, self.pooling)
-                self.pooled[name][layer] = pooled.detach() if self.detach else pooled
-            if self._stop_after is not None and layer == self._stop_after:
-                raise _StopForward
+            if not self.detach and torch.is_grad_enabled():
+                self._raw[layer] = hidden  # pooled when read (see the module documentation)
+                for name in self.masks:
+                    self._pooled[name].pop(layer, None)
+                return
+            self._raw.pop(layer, None)
+            for name, mask in self.masks.items():
+                self._pooled[name][layer] = pool(hidden.detach() if self.detach else hidden, mask, self.pooling)
 
         return hook
 
     def run(self, model: torch.nn.Module, **inputs: Any) -> None:
         """Run ``model(**inputs)`` only as far as the last captured layer.
 
-        For teacher passes whose output is not needed (TGA's caption pass, the
-        logit lens): the layers after the deepest captured one and the LM head never
-        run. Call it inside the ``with`` block; the model is left as it was.
+        For teacher passes whose output is not needed (TGA's caption pass, CMRM
+        calibration): the decoder layers after the deepest captured one never run
+        (:func:`truncated_decoder`; no exception ends the forward). Call it inside the
+        ``with`` block; the model is left as it was.
         """
-        self._stop_after = max(self.layers)
-        try:
-            model(**inputs, use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            self._stop_after = None
+        run_to_layer(self.adapter, model, max(self.layers), **inputs)
 
     def __enter__(self) -> "HiddenCapture":
         layers = self.adapter.decoder_layers
@@ -165,4 +212,4 @@ class HiddenCapture:
         return torch.stack([got[layer] for layer in self.layers])
 
 
-__all__ = ["HiddenCapture", "POOLINGS", "pool"]
+__all__ = ["HiddenCapture", "POOLINGS", "pool", "run_to_layer", "truncated_decoder"]

@@ -37,6 +37,11 @@ module paths inside models              ``XForConditionalGeneration.model.langua
 ``LlavaProcessor`` arguments            ``patch_size``, ``vision_feature_select_strategy``,
                                         ``num_additional_image_tokens`` from 4.44-4.47
 processor ``apply_chat_template``       processors have it from 4.43 (before: the tokenizer)
+gradient checkpointing of a layer       reentrant by default up to 4.57 (``use_reentrant``
+                                        unset, then True), around ``__call__`` so forward
+                                        hooks run inside the checkpoint under no_grad;
+                                        5.x: non-reentrant by default, around ``forward``
+                                        (:func:`non_reentrant_checkpointing`)
 ======================================  =====================================================
 """
 
@@ -341,6 +346,56 @@ def restore_trainer_layernorm_layers() -> None:
 # -- processors and tokenizers -------------------------------------------------------------------
 
 
+def reentrant_checkpointing(model: Any) -> list[Any]:
+    """The modules of ``model`` whose gradient checkpointing is on and reentrant.
+
+    transformers keeps the checkpoint function of each module that can checkpoint in
+    ``_gradient_checkpointing_func`` (a ``functools.partial`` of
+    ``torch.utils.checkpoint.checkpoint``, 4.35 to 5.x) beside a ``gradient_checkpointing``
+    flag. Reentrant checkpointing runs the first forward under ``no_grad``; with 4.x it
+    wraps the layer's ``__call__``, so forward hooks (and what they capture) see states
+    without a graph. A checkpoint function that is not such a partial counts as
+    reentrant (DeepSpeed's activation checkpointing is)."""
+    import functools
+
+    from torch.utils import checkpoint as torch_checkpoint
+
+    out = []
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is not True:
+            continue
+        fn = getattr(module, "_gradient_checkpointing_func", None)
+        if fn is None:
+            continue
+        if isinstance(fn, functools.partial) and fn.func is torch_checkpoint.checkpoint:
+            if fn.keywords.get("use_reentrant") is False:
+                continue
+        out.append(module)
+    return out
+
+
+def non_reentrant_checkpointing(model: Any) -> list[Any]:
+    """Switch every module with reentrant gradient checkpointing from
+    :func:`reentrant_checkpointing` to ``torch.utils.checkpoint.checkpoint(...,
+    use_reentrant=False)``, keeping its other arguments: the gradients are the same,
+    and the first forward builds the graph, so forward hooks capture states with
+    gradients. Returns the modules it could not switch (a checkpoint function that is
+    not torch's), which the caller must refuse."""
+    import functools
+
+    from torch.utils import checkpoint as torch_checkpoint
+
+    left = []
+    for module in reentrant_checkpointing(model):
+        fn = module._gradient_checkpointing_func
+        if isinstance(fn, functools.partial) and fn.func is torch_checkpoint.checkpoint:
+            module._gradient_checkpointing_func = functools.partial(torch_checkpoint.checkpoint, *fn.args,
+                                                                    **{**fn.keywords, "use_reentrant": False})
+        else:
+            left.append(module)
+    return left
+
+
 def llava_processor_needs_llama_tokenizer() -> bool:
     """4.x ``LlavaProcessor`` accepts only a Llama tokenizer class (5.x: any)."""
     return not at_least(5)
@@ -363,6 +418,8 @@ def processor_has_chat_template_api(processor: Any) -> bool:
 
 
 __all__ = [
+    "non_reentrant_checkpointing",
+    "reentrant_checkpointing",
     "DECODER_LAYER_PATHS",
     "FINAL_NORM_PATHS",
     "GENERATE_IMAGE_KEYS",

@@ -50,6 +50,11 @@ class CaptureError(LVLMSafetyError):
     """Hidden-state capture was misused (bad layer, mask of the wrong shape, ...)."""
 
 
+class GradientError(LVLMSafetyError):
+    """A loss term would train nothing: the states it reads carry no gradient (for
+    example captured inside a reentrant gradient checkpoint that cannot be switched)."""
+
+
 class VectorFileError(LVLMSafetyError):
     """A steering-vector file is missing, corrupt, or does not fit the model."""
 

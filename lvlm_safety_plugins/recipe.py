@@ -6,7 +6,7 @@ A recipe file has these top-level keys::
     description: "what this recipe is for"
     plugins: [tga, comparative]                      # methods to activate, in run order
     tga:                                             # one section per method, validated
-      layers: "10-18"                                #   against the method's config dataclass
+      layers: "9-17"                                 #   against the method's config dataclass
 
 Composition: every entry of ``defaults`` is loaded (recursively) and merged in order,
 then the file itself is merged on top. ``plugins`` lists are joined as an ordered union

@@ -12,13 +12,19 @@ only *what* to add to the hidden states; this module decides *where* and *when*:
   ``input_ids`` count as generated there, and ``prepare`` runs once per call.
 - **Positions**: ``"image"`` (image-feature positions of the prompt), ``"text"`` (the
   prompt's text tokens), ``"generated"`` (tokens fed in decode steps), or a set of
-  them; ``"prompt"`` is image + text and ``"all"`` is all three. Prompt positions come
+  them; ``"prompt"`` is image + text and ``"all"`` is all three. The filter
+  ``"after_image"`` narrows the kinds it is listed with to the positions at or after
+  each row's first image position, in rows that have an image (text-only rows are not
+  steered at all): ``"from_image"`` = ``{"image", "text", "generated", "after_image"}``
+  is the image, the prompt text after it and the generated tokens. Prompt positions come
   from the model adapter's :class:`~lvlm_safety_plugins.adapters.SequenceLayout` in
   the decoder's own coordinates (models that splice image features in are handled by
   their adapter). Padding is never steered, in the prompt or in decode steps.
 - **Context-local** (the default, ``scope="context"``): a handle steers only the
   thread, asyncio task or ``contextvars`` context that applied it; other callers of the
   same model see it unsteered. ``scope="global"`` steers every caller.
+- **Nesting**: inside :func:`unsteered`, the handles applied before the block do not
+  act; handles applied inside it do (a method measuring under its own steering).
 - **Exact removal**: ``remove()`` (or leaving the ``with`` block, also on an exception)
   takes every hook off; steering never writes to a weight.
 
@@ -55,10 +61,13 @@ from .errors import LVLMSafetyError
 
 #: the position kinds a steering handle can act on
 POSITION_KINDS = ("image", "text", "generated")
+#: filters that narrow the kinds listed with them (never steer anything on their own)
+POSITION_FILTERS = ("after_image",)
 #: names for sets of position kinds
 POSITION_ALIASES: Mapping[str, frozenset[str]] = {
     "prompt": frozenset({"image", "text"}),
     "all": frozenset(POSITION_KINDS),
+    "from_image": frozenset({*POSITION_KINDS, "after_image"}),
 }
 PHASES = ("prompt", "generated")
 
@@ -69,29 +78,48 @@ Prepare = Callable[["SteeringStep"], None]
 _ACTIVE: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("lvlm_safety_steering_active", default=frozenset())
 _STATES: contextvars.ContextVar[tuple[int, dict[int, "_State"]] | None] = contextvars.ContextVar(
     "lvlm_safety_steering_states", default=None)
+#: handles with an id up to this one do not act (set by :func:`unsteered`)
 _SUSPENDED: contextvars.ContextVar[int] = contextvars.ContextVar("lvlm_safety_steering_suspended", default=0)
 _GENERATE: contextvars.ContextVar[Mapping[int, "_GenerateCall"]] = contextvars.ContextVar(
     "lvlm_safety_steering_generate", default={})
 _ids = itertools.count(1)
+_last_id = 0
 _wrap_lock = threading.Lock()
 
 
+def _new_id() -> int:
+    global _last_id
+    with _wrap_lock:
+        _last_id = next(_ids)
+        return _last_id
+
+
 def resolve_positions(positions: Positions) -> frozenset[str]:
-    """``"image"``, ``"text"``, ``"generated"``, ``"prompt"``, ``"all"`` or a collection
-    of them, as a set of position kinds."""
+    """``"image"``, ``"text"``, ``"generated"``, ``"prompt"``, ``"all"``,
+    ``"from_image"`` or a collection of them (with the filter ``"after_image"``), as a
+    set of position kinds and filters."""
     names = [positions] if isinstance(positions, str) else list(positions)
     out: set[str] = set()
     for name in names:
         if name in POSITION_ALIASES:
             out |= POSITION_ALIASES[name]
-        elif name in POSITION_KINDS:
+        elif name in POSITION_KINDS or name in POSITION_FILTERS:
             out.add(name)
         else:
-            valid = ", ".join((*POSITION_KINDS, *POSITION_ALIASES))
+            valid = ", ".join((*POSITION_KINDS, *POSITION_FILTERS, *POSITION_ALIASES))
             raise ValueError(f"unknown steering position {name!r}; valid: {valid}")
-    if not out:
-        raise ValueError("no steering positions given")
+    if not out - set(POSITION_FILTERS):
+        raise ValueError(f"no steering positions given (a filter such as 'after_image' needs kinds to narrow: {', '.join(POSITION_KINDS)})")
     return frozenset(out)
+
+
+def after_image_mask(image_mask: torch.Tensor) -> torch.Tensor:
+    """``[batch, length]``: the positions at or after each row's first image position
+    (all False in a row without an image)."""
+    L = image_mask.shape[1]
+    column = torch.arange(L, device=image_mask.device).expand_as(image_mask)
+    first = torch.where(image_mask, column, torch.full_like(column, L)).min(dim=1, keepdim=True).values
+    return column >= first
 
 
 @dataclass
@@ -136,6 +164,8 @@ class SteeringStep:
 class _State:
     memory: dict[str, Any] = field(default_factory=dict)
     step: SteeringStep | None = None
+    #: ``[batch]`` bool: the rows of the last prompt forward that have an image
+    image_rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -152,9 +182,10 @@ class _GenerateCall:
 
 @contextlib.contextmanager
 def unsteered() -> Iterator[None]:
-    """Inside the block, no steering handle acts in this context: for the extra
-    forwards a method makes to measure the unsteered model (CMRM's sample level)."""
-    token = _SUSPENDED.set(_SUSPENDED.get() + 1)
+    """Inside the block, no steering handle applied before it acts in this context: for
+    the extra forwards a method makes to measure the unsteered model (CMRM's sample
+    level). Handles applied inside the block act there as usual."""
+    token = _SUSPENDED.set(max(_SUSPENDED.get(), _last_id))
     try:
         yield
     finally:
@@ -233,6 +264,23 @@ class _LayerDispatch(_SharedWrapper):
         return output
 
 
+class _ForwardDispatch(_SharedWrapper):
+    """The model's ``forward``, wrapped once (at the instance) for every handle: each
+    handle's pre-step (the payload) runs before the forward, in install order.
+
+    Not a forward pre-hook: registering a hook with keyword arguments updates two of the
+    module's dicts one after the other, so a forward running in another thread at that
+    moment could call the hook without its keyword arguments; setting one instance
+    attribute is atomic."""
+
+    attr = "forward"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        for _, fn in tuple(self.users):
+            fn(self.owner, args, kwargs)
+        return self.inner(*args, **kwargs)
+
+
 @dataclass
 class _Removal:
     wrapper: _SharedWrapper
@@ -270,12 +318,12 @@ class SteeringHandle:
         self.positions = resolve_positions(positions)
         self.edit, self.prepare = edit, prepare
         self.scope, self.name = scope, name
-        self.id = next(_ids)
+        self.id = _new_id()
         self._handles: list[Any] = []
         try:
             if callable(getattr(model, "generate", None)):
                 self._handles.append(_GenerateRecorder.join(model, self.id))
-            self._handles.append(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            self._handles.append(_ForwardDispatch.join(model, self.id, self._pre_hook))
             decoder = self.adapter.decoder_layers
             for layer in self.layers:
                 # inside the layer's forward: what output_hidden_states and every hook see
@@ -296,7 +344,7 @@ class SteeringHandle:
         return self.scope == "global" or self.id in _ACTIVE.get()
 
     def _acting(self) -> bool:
-        return self.active and not _SUSPENDED.get()
+        return self.active and self.id > _SUSPENDED.get()
 
     def _state(self, create: bool = False) -> _State | None:
         thread = threading.get_ident()
@@ -346,18 +394,19 @@ class SteeringHandle:
 
     def _prompt_mask(self, module: torch.nn.Module, inputs: Mapping[str, Any], tail: int = 0) -> tuple[torch.Tensor, SequenceLayout | None]:
         wanted = self.positions & {"image", "text"}
+        narrowed = "after_image" in self.positions
         if inputs.get("input_ids") is None:
             embeds = inputs.get("inputs_embeds")
-            if wanted == {"image", "text"} and isinstance(embeds, torch.Tensor):
+            if wanted == {"image", "text"} and not narrowed and isinstance(embeds, torch.Tensor):
                 attention = inputs.get("attention_mask")
                 B, T = embeds.shape[:2]
                 real = attention.bool() if isinstance(attention, torch.Tensor) and tuple(attention.shape) == (B, T) else \
                     torch.ones(B, T, dtype=torch.bool, device=embeds.device)
                 return real, None
-            if not wanted and isinstance(embeds, torch.Tensor):
+            if not wanted and not narrowed and isinstance(embeds, torch.Tensor):
                 return torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device), None
             raise LVLMSafetyError(
-                f"{self.name}: steering image or text positions needs input_ids in the forward of "
+                f"{self.name}: steering image or text positions (or after the image) needs input_ids in the forward of "
                 f"{type(module).__name__} (it got inputs_embeds only, outside a generate call)"
             )
         ids = inputs["input_ids"]
@@ -377,6 +426,8 @@ class SteeringHandle:
             mask = torch.zeros_like(layout.attention_mask)
         if "generated" in self.positions:
             mask = mask | generated
+        if narrowed:
+            mask = mask & after_image_mask(layout.image_mask)
         return mask, layout
 
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -394,6 +445,8 @@ class SteeringHandle:
             tail = self._generated_tail(inputs, call)
             rerun = tail > 0
             mask, layout = self._prompt_mask(module, inputs, tail)
+            if layout is not None:
+                state.image_rows = layout.image_mask.any(dim=1)
             if not rerun:
                 state.memory = {}
                 if call is not None:
@@ -409,6 +462,12 @@ class SteeringHandle:
                     mask = attention[:, -length:].to(mask.device).bool()  # padding-safe continuation
                 else:
                     mask = ~mask
+                if "after_image" in self.positions:
+                    # generated tokens come after the image, in the rows that have one
+                    rows = state.image_rows
+                    if rows is None or int(rows.shape[0]) != int(mask.shape[0]):
+                        rows = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+                    mask = mask & rows.to(mask.device).unsqueeze(1)
             step = SteeringStep("generated", past, mask, kwargs, state.memory)
         step.any = bool(step.mask.any())
         step.full = step.any and bool(step.mask.all())
@@ -544,12 +603,14 @@ def add_vectors(
 __all__ = [
     "Edit",
     "POSITION_ALIASES",
+    "POSITION_FILTERS",
     "POSITION_KINDS",
     "Positions",
     "Prepare",
     "SteeringHandle",
     "SteeringStep",
     "add_vectors",
+    "after_image_mask",
     "apply",
     "resolve_positions",
     "steer",

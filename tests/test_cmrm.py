@@ -85,7 +85,8 @@ def test_steered_states_equal_a_manual_forward(tiny_llava, tiny_llava_processor,
 
 def test_dataset_vectors_equal_the_mean_difference_by_hand(tiny_llava, tiny_llava_processor):
     data = rows(3)
-    got = calibrate(tiny_llava, tiny_llava_processor, data, layers=[0, 2], progress=False)  # batch_size 8: padded batch
+    independent = type("C", (), {"composition": "independent"})()
+    got = calibrate(tiny_llava, tiny_llava_processor, data, independent, layers=[0, 2], progress=False)  # batch_size 8: padded batch
     adapter = get_adapter(tiny_llava)
     expect = {0: torch.zeros(32), 2: torch.zeros(32)}
     # the blank reference: a black image through the model's own processor, against the
@@ -102,6 +103,7 @@ def test_dataset_vectors_equal_the_mean_difference_by_hand(tiny_llava, tiny_llav
         torch.testing.assert_close(got.vectors[layer], expect[layer], rtol=1e-4, atol=1e-5)
     # reference none: the sample's own image, h(with its image) - h(image tokens removed)
     none = calibrate(tiny_llava, tiny_llava_processor, data, config=type("C", (), {"reference": "none", "batch_size": 2})(), layers=[1], progress=False)
+    assert none.composition == "sequential"  # one layer: nothing earlier steers it
     by_hand = torch.zeros(32)
     for r in data:
         enc = tiny_llava_processor(text=[r["prompt"]], images=[r["image"]], return_tensors="pt")
@@ -127,7 +129,7 @@ def test_sample_level_generate_applies_the_prefill_shift_at_every_step(tiny_llav
     shift = {l: (pooled[0] - pooled[1])[i, 0] for i, l in enumerate(layers)}
     gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
-        with steer(tiny_llava, None, variant="sample", layers=layers, alpha=2.0):
+        with steer(tiny_llava, None, variant="sample", composition="independent", layers=layers, alpha=2.0):
             sample = tiny_llava.generate(**enc, **gen)
         with steer(tiny_llava, shift, layers=layers, alpha=2.0):
             fixed = tiny_llava.generate(**enc, **gen)
@@ -208,7 +210,7 @@ def test_threads_do_not_cross_talk(tiny_llava, tiny_llava_processor):
 def test_fold_matches_hooks_and_saves_a_plain_checkpoint(tmp_path, tiny_llava, tiny_llava_processor):
     batch = tiny_llava_batch(tiny_llava_processor)
     vectors = random_vectors(tiny_llava, layers=(0, 2))
-    with torch.no_grad(), steer(tiny_llava, vectors, alpha=0.8):
+    with torch.no_grad(), steer(tiny_llava, vectors, alpha=0.8, positions="all"):
         hooked = tiny_llava(**batch).logits
     folded_model = copy.deepcopy(tiny_llava)
     assert fold_into_weights(folded_model, vectors, alpha=0.8) == [0, 2]
@@ -323,7 +325,7 @@ def test_hf_integration_generate(tiny_llava, tiny_llava_processor, tmp_path):
     vectors = random_vectors(tiny_llava)
     path = vectors.save(tmp_path / "v.safetensors")
     batch = tiny_llava_batch(tiny_llava_processor)
-    overrides = [f"cmrm.vectors={path}", "cmrm.alpha=3.0"]
+    overrides = [f"cmrm.vectors={path}", "cmrm.alpha=3.0", "cmrm.composition=independent"]
     gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         out = steered_generate(tiny_llava, "cmrm_llava15_dataset", overrides, processor=tiny_llava_processor, **batch, **gen)
@@ -346,7 +348,7 @@ def test_hf_integration_image_text_to_text_pipeline(tiny_llava, tiny_llava_proce
     path = random_vectors(tiny_llava).save(tmp_path / "v.safetensors")
     ask = dict(images=make_image(0), text="USER: <image> what is in the image ? ASSISTANT:", generate_kwargs={"max_new_tokens": 4, "do_sample": False})
     plain = pipe(**ask)[0]["generated_text"]
-    with steered_pipeline(pipe, "cmrm_llava15_dataset", [f"cmrm.vectors={path}", "cmrm.alpha=4.0"]) as steered:
+    with steered_pipeline(pipe, "cmrm_llava15_dataset", [f"cmrm.vectors={path}", "cmrm.alpha=4.0", "cmrm.composition=independent"]) as steered:
         got = steered(**ask)[0]["generated_text"]
     with steer(tiny_llava, SteeringVectors.load(path), alpha=4.0):
         direct = pipe(**ask)[0]["generated_text"]
@@ -378,7 +380,7 @@ def test_calibration_reads_hf_datasets_and_llava_json(tmp_path, tiny_llava, tiny
 def test_in_memory_fold_matches_and_refuses_to_be_saved(tiny_llava, tiny_llava_processor):
     batch = tiny_llava_batch(tiny_llava_processor)
     vectors = random_vectors(tiny_llava, layers=(1,))
-    with torch.no_grad(), steer(tiny_llava, vectors, alpha=0.5):
+    with torch.no_grad(), steer(tiny_llava, vectors, alpha=0.5, positions="all"):
         hooked = tiny_llava(**batch).logits
     fast = copy.deepcopy(tiny_llava)
     fold_into_weights(fast, vectors, alpha=0.5, savable=False)

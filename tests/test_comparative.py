@@ -278,12 +278,13 @@ def _step(recipe, data, model=None):
     return model, outputs, terms, ctx
 
 
-def _runtime_and_batch(overrides):
+def _runtime_and_batch(overrides, data=None):
     model = build_tiny_llava(seed=0).train()
     processor = build_tiny_llava_processor()
     rt = Runtime(load_recipe("comparative", overrides), model=model, processor=processor)
-    batch = LlavaSFTCollator(processor)(rows(2, retrieved=False))
+    batch = SafetyCollator(LlavaSFTCollator(processor), rt)(rows(2, retrieved=False) if data is None else data)
     ctx = rt.new_step(0, 1)
+    ctx.scratch["extras"] = batch.pop(EXTRAS_KEY, {})
     rt.hook.before_forward(model=model, batch=batch, ctx=ctx)
     return rt, model, batch, ctx
 
@@ -313,7 +314,7 @@ def test_cmpdrop_on_the_model_drops_nested_units_and_rescales():
 
 def test_cmpcrop_removes_nested_context_and_image_tokens():
     rt, model, batch, ctx = _runtime_and_batch(["comparative.ablation=crop", "comparative.crop_parts=[context,image]",
-                                                "comparative.crop_share=0.5"])
+                                                "comparative.crop_share=0.5", "comparative.crop_question=true"])
     method = rt.methods["comparative"]
     adapter = get_adapter(model)
     masks = []

@@ -48,14 +48,16 @@ def vectors_for(model, tmp_path):
     return v, v.save(tmp_path / "v.safetensors")
 
 
-def test_cmrm_in_llava_generate_equals_the_subtraction_by_hand(loaded, tmp_path):
+@pytest.mark.parametrize("positions", ["all", "from_image"])
+def test_cmrm_in_llava_generate_equals_the_subtraction_by_hand(loaded, tmp_path, positions):
     tokenizer, model, image_processor, _ = loaded
     ids, images = inputs(tokenizer, image_processor, model)
     vectors, path = vectors_for(model, tmp_path)
     gen = dict(images=images, do_sample=False, max_new_tokens=4, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
     with torch.no_grad():
         plain = model.generate(ids, **gen)
-    lsp.apply_steering(model, "cmrm_llava15_dataset", [f"cmrm.vectors={path}", "cmrm.alpha=0.5"],
+    lsp.apply_steering(model, "cmrm_llava15_dataset", [f"cmrm.vectors={path}", "cmrm.alpha=0.5", f"cmrm.positions={positions}",
+                                                       "cmrm.composition=independent"],
                        tokenizer=tokenizer, image_processor=image_processor)
     try:
         with torch.no_grad():
@@ -63,12 +65,23 @@ def test_cmrm_in_llava_generate_equals_the_subtraction_by_hand(loaded, tmp_path)
     finally:
         lsp.uninstall_inference()
     # by hand: the same subtraction at every position of every forward (prefill on
-    # LLaVA's spliced sequence, then each generated token)
+    # LLaVA's spliced sequence, then each generated token); from_image: in the prefill
+    # only from the image's first feature on (LLaVA splices the features in where the
+    # image token stood, so the tokens before it keep their places)
     adapter = get_adapter(model)
     from lvlm_safety_plugins.adapters import layer_hidden, replace_layer_hidden
 
+    first = int((ids[0] == IMAGE_TOKEN_INDEX).nonzero()[0, 0])
+    assert first > 0
+
     def by_hand(v):
-        return lambda m, a, o: replace_layer_hidden(o, layer_hidden(o) - 0.5 * v.to(layer_hidden(o).dtype))
+        def hook(m, a, o):
+            h = layer_hidden(o)
+            delta = 0.5 * v.to(h.dtype).expand_as(h).clone()
+            if positions == "from_image" and h.shape[1] > 1:  # the prefill
+                delta[:, :first] = 0
+            return replace_layer_hidden(o, h - delta)
+        return hook
 
     handles = [adapter.decoder_layers[l].register_forward_hook(by_hand(v), prepend=True) for l, v in vectors.vectors.items()]
     try:

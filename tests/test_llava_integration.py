@@ -83,6 +83,20 @@ def test_registration_line_adds_tga_and_without_it_llava_is_unchanged(tmp_path, 
     assert state["recipe"]["plugins"] == ["tga"] and state["methods"]["tga"]["layers"] == [1, 2]
 
 
+def test_tga_trains_under_llavas_gradient_checkpointing(tmp_path, assets):
+    """LLaVA's scripts pass --gradient_checkpointing True (reentrant on 4.x, and LLaVA calls
+    enable_input_require_grads): TGA must still reach the projector, with the same
+    gradients as without checkpointing."""
+    script = LINE.format(recipe="tga_llava15_pretrain")
+    plain = run_llava(tmp_path, PLAIN, assets, "plain-gc", "--gradient_checkpointing", "True", steps=2)
+    without = run_llava(tmp_path, script, assets, "tga", steps=2)
+    with_gc = run_llava(tmp_path, script, assets, "tga-gc", "--gradient_checkpointing", "True", steps=2)
+    for key, value in projector(with_gc).items():
+        torch.testing.assert_close(value, projector(without)[key], rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(value, projector(plain)[key]), key  # the TGA term took part
+    assert [round(h["tga/pair"], 5) for h in history(with_gc)] == [round(h["tga/pair"], 5) for h in history(without)]
+
+
 def test_pretrained_adapter_loads_in_the_finetune_stage(tmp_path, assets):
     pre = run_llava(tmp_path, LINE.format(recipe="tga_llava15_pretrain"), assets, "pre")
     assert (pre / "mm_projector.bin").is_file()

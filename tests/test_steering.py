@@ -207,7 +207,7 @@ def test_hooks_are_removed_when_the_body_raises(tiny_llava, tiny_llava_processor
 
 
 def test_clear_errors(tiny_llava, tiny_llava_processor):
-    with pytest.raises(ValueError, match="unknown steering position 'images'.*image, text, generated, prompt, all"):
+    with pytest.raises(ValueError, match="unknown steering position 'images'.*image, text, generated, after_image, prompt, all, from_image"):
         steering.apply(tiny_llava, lambda layer, hidden, step: None, positions="images")
     with pytest.raises(LVLMSafetyError, match="layer 1: expected a vector of size 32"):
         steering.add_vectors(tiny_llava, {1: torch.zeros(7)})

@@ -129,6 +129,21 @@ class ModelAdapter:
         )
 
     @property
+    def decoder_owner(self) -> tuple[nn.Module, str]:
+        """The module that holds :attr:`decoder_layers` and the attribute name it holds
+        them under (``(language_model, "layers")``)."""
+        for path in self.layer_paths:
+            layers = get_path(self.model, path)
+            if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+                parent_path, _, attr = path.rpartition(".")
+                parent = get_path(self.model, parent_path) if parent_path else self.model
+                if isinstance(parent, nn.Module) and parent._modules.get(attr) is layers:
+                    return parent, attr
+        raise UnsupportedModelError(
+            f"{type(self.model).__name__}: no module holding the decoder layers at any of {', '.join(self.layer_paths)}"
+        )
+
+    @property
     def num_layers(self) -> int:
         return len(self.decoder_layers)
 

@@ -31,7 +31,7 @@ class DemoSize:
 
 QUICK = DemoSize(text_steps=200, align_steps=300, batch_size=16, hidden=64, layers=4, images_per_concept=6)
 FULL = DemoSize(text_steps=300, align_steps=400, batch_size=16, hidden=64, layers=4, images_per_concept=12)
-#: the TGA layers of the reference code (10-18 of 32), scaled to the demo LLM's layers
+#: the TGA layers of the reference code (9-17 of 32 in this library's numbering), scaled to the demo LLM's 4 layers
 TGA_OVERRIDES = ("tga.layers=1-2",)
 METHODS = ("baseline", "tga", "cmrm")
 CMRM_RECIPE = "cmrm_llava15_dataset"

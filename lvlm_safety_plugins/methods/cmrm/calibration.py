@@ -1,19 +1,21 @@
 """CMRM calibration: the mean image-induced shift per layer over a dataset.
 
 For every sample, ``h_l(prompt with the reference image) - h_l(prompt, text only)`` is
-measured at ``measure_at`` (the last real token, or the mean over the prompt's text
+measured at ``measure_at`` (with ``composition: sequential``, the default, the first
+state under the steering of the earlier steered layers: see :func:`calibrate`) (the last real token, or the mean over the prompt's text
 tokens, which both inputs share). The reference image is a constant ``blank`` image
 (through the model's own processor) or seeded ``noise``, which carry the modality but no
 content; with ``reference: none`` the sample's own image is used. The text-only input
 is the prompt with its image tokens removed. Capture hooks pool on the fly; per-layer
 sums and the sample count are
-accumulated in float32 (:class:`ShiftAccumulator`, so several processes can add theirs
+accumulated in float64 (:class:`ShiftAccumulator`, so several processes can add theirs
 up), then divided. Batched, left or right padding (positions come from the model
 adapter's layout), a progress bar, the model's training flag restored afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,9 @@ from tqdm.auto import tqdm
 
 from ...adapters import get_adapter
 from ...capture import HiddenCapture
+from ...errors import ConfigValueError
 from ...loading import DataFileError, open_image, read_records
+from ...steering import steer, vector_edit
 from .vectorfile import SteeringVectors, model_fingerprint
 
 
@@ -111,6 +115,14 @@ def _wrap_prompt(prompt: str, template: str | None) -> str:
     return text if "<image>" in text else "<image>\n" + text
 
 
+def _alphas(alpha: Any, layers: Sequence[int]) -> dict[int, float]:
+    """``alpha`` (one float, or one per layer in ``layers`` order) as ``{layer: float}``."""
+    values = [float(alpha)] * len(layers) if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
+    if len(values) != len(layers):
+        raise ConfigValueError("alpha", f"alpha has {len(values)} values for {len(layers)} steered layers")
+    return dict(zip(layers, values))
+
+
 @torch.no_grad()
 def calibrate(
     model: torch.nn.Module,
@@ -127,9 +139,19 @@ def calibrate(
     """Dataset-level CMRM vectors for ``model`` (see the module docstring).
 
     ``config`` is the ``cmrm`` recipe section (or anything with the same attributes:
-    ``reference``, ``measure_at``, ``batch_size``, ``noise_seed``, ``blank_fill``);
-    ``layers`` defaults to every layer. Prompts without ``<image>`` get it prepended.
+    ``reference``, ``measure_at``, ``batch_size``, ``noise_seed``, ``blank_fill``,
+    ``composition``, ``alpha``, ``positions``, ``apply_to``); ``layers`` defaults to
+    every layer. Prompts without ``<image>`` get it prepended.
+
+    ``composition: sequential`` (the default): the text-only states are measured once;
+    then, for each steered layer in order, the reference-image forward runs with the
+    layers before it steered by the vectors found so far (at their ``alpha``, at the
+    prompt positions the recipe steers) and stops after that layer. So the vectors are
+    exact for that alpha: at alpha 1 the mean steered state at every steered layer is
+    the mean text-only state. ``independent``: one unsteered forward of each kind.
     """
+    from .steer import prompt_kinds, steered_positions
+
     adapter = get_adapter(model)
     chosen = adapter.resolve_layers(layers)
     reference = _option(config, "reference", "blank")
@@ -137,7 +159,9 @@ def calibrate(
     batch_size = int(_option(config, "batch_size", 8))
     noise_seed = int(_option(config, "noise_seed", 0))
     fill = int(_option(config, "blank_fill", 0))
-    acc = ShiftAccumulator(chosen, adapter.hidden_size)
+    composition = _option(config, "composition", "sequential")
+    alpha = _alphas(_option(config, "alpha", 1.0), chosen)
+    kinds = prompt_kinds(steered_positions(_option(config, "positions", "from_image"), _option(config, "apply_to", "both")))
     from ...distributed import is_distributed, rank, world_size
 
     # under torch.distributed every process takes every world_size-th row; sums and
@@ -145,36 +169,76 @@ def calibrate(
     me, world = rank(), world_size()
     rows = list(iter_calibration_rows(dataset, image_folder, select=(lambda i: i % world == me) if world > 1 else None))
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     image_processor = getattr(processor, "image_processor", None)
-    try:
-        for start in tqdm(range(0, len(rows), batch_size), desc="CMRM calibration", disable=not progress or me != 0):
+    starts = range(0, len(rows), batch_size)
+
+    def batches() -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        """(reference-image inputs, text-only inputs) per batch, the same every pass."""
+        for start in starts:
             chunk = rows[start : start + batch_size]
             enc = processor(text=[_wrap_prompt(r["prompt"], prompt_template) for r in chunk], images=[r["image"] for r in chunk],
                             return_tensors="pt", padding=True)
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in enc.items()}
             with_image = batch if reference == "none" else adapter.blank_image_batch(
                 batch, reference, seed=noise_seed + start, image_processor=image_processor, fill=fill)
-            text_only = adapter.text_only_batch(batch)
-            pooled = []
-            for inputs in (with_image, text_only):
-                layout = adapter.layout(inputs)
-                mask = layout.attention_mask if measure_at == "last" else layout.text_mask
-                with HiddenCapture(adapter, chosen, {"m": mask}, measure_at, detach=True) as cap:
-                    cap.run(model, **inputs)
-                pooled.append(cap.stacked("m").float())
-            acc.add(pooled[0] - pooled[1])
+            yield with_image, adapter.text_only_batch(batch)
+
+    def pooled(inputs: Mapping[str, Any], at: Sequence[int]) -> torch.Tensor:
+        layout = adapter.layout(inputs)
+        mask = layout.attention_mask if measure_at == "last" else layout.text_mask
+        with HiddenCapture(adapter, at, {"m": mask}, measure_at, detach=True) as cap:
+            cap.run(model, **inputs)
+        return cap.stacked("m").float()
+
+    sequential = composition == "sequential" and len(chosen) > 1 and bool(kinds)
+    passes = 1 + (len(chosen) if sequential else 0)
+    bar = tqdm(total=len(starts) * passes, desc=f"CMRM calibration ({composition})", disable=not progress or me != 0)
+    text = ShiftAccumulator(chosen, adapter.hidden_size)
+    shift = ShiftAccumulator(chosen, adapter.hidden_size)
+    was_training = model.training
+    model.eval()
+    try:
+        for with_image, text_only in batches():
+            if sequential:
+                text.add(pooled(text_only, chosen))
+            else:
+                shift.add(pooled(with_image, chosen) - pooled(text_only, chosen))
+            bar.update()
+        if is_distributed():
+            (text if sequential else shift).reduce()
+        if not sequential:
+            vectors = shift.means() if shift.count else {}
+        else:
+            text_means = text.means() if text.count else {}
+            vectors = {}
+            for layer in chosen:
+                image = ShiftAccumulator([layer], adapter.hidden_size)
+                done = {l: vectors[l] for l in vectors}
+                with contextlib.ExitStack() as stack:
+                    if done:
+                        edit = vector_edit(done, {l: -alpha[l] for l in done})
+                        stack.enter_context(steer(model, edit, layers=sorted(done), positions=kinds, adapter=adapter,
+                                                  name="CMRM calibration"))
+                    for with_image, _ in batches():
+                        image.add(pooled(with_image, [layer]))
+                        bar.update()
+                if is_distributed():
+                    image.reduce()
+                if not image.count:
+                    break
+                vectors[layer] = image.means()[layer] - text_means[layer]
     finally:
+        bar.close()
         model.train(was_training)
-    if is_distributed():
-        acc.reduce()
-    if acc.count == 0:
+    count = shift.count if not sequential else text.count
+    if count == 0:
         raise DataFileError("the calibration data has no rows")
     return SteeringVectors(
-        vectors=acc.means(), model_class=type(model).__name__, fingerprint=model_fingerprint(model),
+        vectors=vectors, model_class=type(model).__name__, fingerprint=model_fingerprint(model),
         hidden_size=adapter.hidden_size, num_layers=adapter.num_layers, variant="dataset", reference=reference,
-        measure_at=measure_at, samples=acc.count, recipe=recipe_yaml,
+        measure_at=measure_at, samples=count, recipe=recipe_yaml,
+        composition=composition, alpha=[alpha[l] for l in chosen] if composition == "sequential" else None,
+        positions=sorted(kinds) if composition == "sequential" else None,
         extra={"prompt_template": json.dumps(prompt_template)},
     )
 

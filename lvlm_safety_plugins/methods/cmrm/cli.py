@@ -19,6 +19,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
         raise RecipeError(f"recipe {recipe.name!r} does not activate cmrm (plugins: {recipe.plugins})", recipe.path)
     cfg = recipe.cmrm
+    if args.sweep:
+        return _cmd_sweep(args, recipe)
     device = local_device(args.device)
     init_from_env(device)  # under torchrun: each process calibrates its shard
     model, processor = load_model_and_processor(args.model, device)
@@ -34,6 +36,60 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace, recipe: Any) -> int:
+    """``calibrate --sweep``: every alpha x layers setting calibrated and measured on the
+    validation benchmarks; the chosen setting's vectors go to OUT/vectors.safetensors."""
+    import shutil
+    from pathlib import Path
+
+    from ...errors import LVLMSafetyError
+    from ...evaluation.generate import GenerationSettings
+    from ...evaluation.harness import BenchmarkSpec, load_benchmark
+    from ...loading import load_model_and_processor
+    from .calibration import _wrap_prompt, iter_calibration_rows
+    from .sweep import SelectionRule, alpha_grid, harness_measure, run_sweep, vectors_file, write_sweep
+
+    if not args.validation:
+        raise LVLMSafetyError("calibrate --sweep: give the validation split with --validation NAME:PATH (repeatable)")
+    out = Path(args.out)
+    if out.suffix == ".safetensors":
+        raise LVLMSafetyError(f"calibrate --sweep: --out {out} must be a folder (it gets sweep.json, sweep.png, vectors.safetensors)")
+    alphas = alpha_grid(args.alphas)
+    layer_choices = args.layer_choice or [str(recipe.cmrm.layers)]
+    try:
+        settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, template=args.eval_template)
+    except ValueError as exc:
+        raise LVLMSafetyError(f"calibrate --sweep: {exc}") from None
+    model, processor = load_model_and_processor(args.model, args.device)
+    examples = [e for text in args.validation for e in load_benchmark(BenchmarkSpec.parse(text), args.limit)]
+    calibration = [{"image": r["image"], "prompt": _wrap_prompt(r["prompt"], args.template), "id": r["id"]}
+                   for r in iter_calibration_rows(args.data, args.image_folder)]
+    rule = SelectionRule(args.max_over_refusal_increase, args.max_utility_drop)
+    work = out / "settings"
+    result = run_sweep(model, processor, calibration, harness_measure(model, processor, examples, settings=settings),
+                       recipe=recipe, alphas=alphas, layer_choices=layer_choices, workdir=work, rule=rule)
+    result.meta.update({"recipe": recipe.name, "model": str(args.model), "validation": list(args.validation),
+                        "calibration": str(args.data)})
+    files = write_sweep(result, out)
+    print(f"{'alpha':>6}  {'layers':<12} {'harmful refused':>15} {'benign refused':>14} {'utility':>8}")
+    for p in result.points:
+        mark = "  <- chosen" if p is result.chosen else ""
+        print(f"{p.alpha:>6g}  {p.layers:<12} {p.metrics['harmful_refused']:>15.3f} {p.metrics['benign_refused']:>14.3f} "
+              f"{p.metrics['utility']:>8.3f}{mark}")
+    print(f"rule: {rule.describe()}")
+    if result.chosen is None:
+        print("chosen: none: " + result.to_dict()["reason"])
+    else:
+        c = result.chosen
+        target = out / "vectors.safetensors"
+        shutil.copyfile(vectors_file(work, c.layers, c.alpha), target)
+        print(f"chosen: cmrm.alpha={c.alpha:g} cmrm.layers={c.layers} cmrm.vectors={target}")
+    for path in files.values():
+        if path:
+            print(f"wrote {path}")
+    return 0
+
+
 def add_calibrate_command(sub: Any) -> None:
     p = sub.add_parser("calibrate", help="calibrate dataset-level CMRM vectors for a model")
     p.add_argument("--recipe", required=True, help="recipe name or path (activating cmrm)")
@@ -42,6 +98,20 @@ def add_calibrate_command(sub: Any) -> None:
     p.add_argument("--data", required=True, help="calibration data: .jsonl (image, prompt) or LLaVA-format .json")
     p.add_argument("--image-folder", help="folder image paths are relative to (default: the data file's folder)")
     p.add_argument("--template", help="prompt template with {prompt}, e.g. 'USER: <image>\\n{prompt} ASSISTANT:'")
-    p.add_argument("--out", required=True, help="output .safetensors file (written atomically)")
+    p.add_argument("--out", required=True, help="output .safetensors file (written atomically); with --sweep a folder")
     p.add_argument("--device", default="cpu")
+    s = p.add_argument_group("sweep (choose alpha and layers on a validation split)")
+    s.add_argument("--sweep", action="store_true", help="calibrate and measure every alpha x layers setting, pick one by the rule")
+    s.add_argument("--validation", action="append", metavar="NAME:PATH",
+                   help="validation benchmark as for `lvlm-safety eval --benchmark` (repeatable); harmful, benign and "
+                        "multiple-choice items give the three rates")
+    s.add_argument("--alphas", default="0:1:0.1", help="start:stop:step or a comma list (default 0:1:0.1)")
+    s.add_argument("--layer-choice", action="append", metavar="LAYERS",
+                   help="a layer selection to sweep, e.g. all or 8-20 (repeatable; default: the recipe's)")
+    s.add_argument("--limit", type=int, help="at most this many examples per validation benchmark")
+    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--eval-template", help="prompt template of the validation items (default: the processor's chat template)")
+    s.add_argument("--max-over-refusal-increase", type=float, default=0.05)
+    s.add_argument("--max-utility-drop", type=float, default=0.05)
     p.set_defaults(func=cmd_calibrate)

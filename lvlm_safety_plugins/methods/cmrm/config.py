@@ -25,9 +25,17 @@ class Reference(enum.Enum):
 
 
 class Positions(enum.Enum):
-    image = "image"
-    text = "text"
-    all = "all"
+    from_image = "from_image"  # the image tokens and everything after them, in rows with an image
+    image = "image"  # the image tokens only
+    text = "text"  # the prompt's text tokens (before and after the image) and the generated tokens
+    all = "all"  # every real position: BOS, system prompt, image, text, generated
+
+
+class Composition(enum.Enum):
+    """How the per-layer shifts of several steered layers combine (see docs/cmrm.md)."""
+
+    sequential = "sequential"  # layer l's shift is measured with the earlier steered layers already steered
+    independent = "independent"  # every layer's shift is measured on the unsteered model (compounds)
 
 
 class Phase(enum.Enum):
@@ -48,7 +56,12 @@ class CMRMConfig:
     The shift at layer l is ``v_l = h_l(prompt, reference image) - h_l(prompt, text
     only)`` measured at ``measure_at`` (averaged over a calibration set for the dataset
     variant, per input for the sample variant); steering subtracts ``alpha_l * v_l`` from
-    the layer's output at the chosen positions.
+    the layer's output at the chosen positions. With ``composition: sequential`` (the
+    default) ``h_l(prompt, reference image)`` is measured with the earlier steered
+    layers already steered, so the state at every steered layer lands at
+    ``h_l - alpha_l * shift_l`` instead of having the earlier layers' edits subtracted
+    again; the vectors are then tied to the alpha, layers and positions they were
+    calibrated with.
     """
 
     variant: Variant = Variant.dataset
@@ -56,8 +69,10 @@ class CMRMConfig:
     alpha: Any = 1.0
     #: "all", a range such as "10-20" (inclusive), or a list of layer ids
     layers: Any = "all"
-    #: which prompt positions are steered
-    positions: Positions = Positions.all
+    #: which positions are steered (from_image: image tokens and everything after them)
+    positions: Positions = Positions.from_image
+    #: how the shifts of several steered layers combine
+    composition: Composition = Composition.sequential
     #: steer the prompt (prefill), the generated tokens, or both
     apply_to: Phase = Phase.both
     #: what the shift is measured against

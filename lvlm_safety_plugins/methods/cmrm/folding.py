@@ -21,6 +21,7 @@ import torch
 
 from ...adapters import get_adapter
 from ...errors import LVLMSafetyError
+from .vectorfile import SteeringVectors
 
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -47,7 +48,9 @@ def fold_into_weights(
     variant: str = "dataset",
     positions: str = "all",
     apply_to: str = "both",
+    composition: str | None = None,
     savable: bool = True,
+    strict: bool = True,
 ) -> list[int]:
     """Write ``-alpha * v`` into the MLP output biases; returns the folded layers.
 
@@ -56,7 +59,12 @@ def fold_into_weights(
     transformers loads as is. Those zero biases cost time on the CPU (a biased matmul
     takes another kernel path); ``savable=False`` adds biases to the steered layers'
     output projections only: the fastest in-memory model, but ``save_pretrained`` would
-    not keep the steering, so :func:`check_savable` refuses it."""
+    not keep the steering, so :func:`check_savable` refuses it.
+
+    A :class:`~.vectorfile.SteeringVectors` is checked as hooked steering checks it
+    (``composition`` defaults to the file's own): sequential vectors fold only at the
+    layers and alphas they were calibrated with, and only if they were calibrated
+    steering every prompt position (``positions: all``), which is what a bias does."""
     if variant != "dataset" or positions != "all" or apply_to != "both":
         raise LVLMSafetyError(
             "only dataset-level CMRM on all positions of prompt and generated tokens can be folded into weights "
@@ -75,6 +83,9 @@ def fold_into_weights(
     alphas = [float(alpha)] * len(chosen) if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
     if len(alphas) != len(chosen):
         raise ValueError(f"alpha has {len(alphas)} values for {len(chosen)} layers")
+    if isinstance(vectors, SteeringVectors):
+        vectors.check_use(composition=composition or vectors.composition, layers=chosen, alpha=dict(zip(chosen, alphas)),
+                          positions=["image", "text"] if vectors.composition == "sequential" else None, strict=strict)
     decoder = adapter.decoder_layers
     missing = [layer for layer in chosen if layer not in table]
     if missing:

@@ -33,6 +33,7 @@ class CMRM(Method):
             "positions": cfg.positions.value,
             "apply_to": cfg.apply_to.value,
             "variant": cfg.variant.value,
+            "composition": cfg.composition.value,
             "reference": cfg.reference.value,
             "measure_at": cfg.measure_at.value,
             "noise_seed": int(cfg.noise_seed),
@@ -66,4 +67,4 @@ class CMRM(Method):
             vectors = load_checked(self.config.vectors, model, strict=bool(self.config.strict))
             if options["layers"] is None:
                 options["layers"] = vectors.layers
-        return apply(model, vectors, processor=runtime.processor, **options)
+        return apply(model, vectors, processor=runtime.processor, strict=bool(self.config.strict), **options)

@@ -9,9 +9,10 @@ positions of the prompt, and the generated tokens; never padding) from the model
 adapter's layout, is context-local by default and removes every hook exactly.
 
 The dataset variant subtracts calibrated vectors. The sample variant measures each
-input's own shift at prefill, with two extra forwards on the unsteered model (the
-prompt with the reference image, or its own image for ``reference="none"``, and the
-prompt text-only), and keeps it for every decode step of that call.
+input's own shift at prefill, with two extra forwards (the prompt text-only on the
+unsteered model, and the prompt with the reference image, or its own image for
+``reference="none"``, with ``composition="sequential"`` steered by its own shift as it
+is measured layer by layer), and keeps it for every decode step of that call.
 
 **Threads.** Steering is *context-local*: it acts only in the thread (or asyncio task,
 or ``contextvars`` context) that applied it, so two threads can generate with the same
@@ -29,23 +30,27 @@ import torch
 
 from ... import compat
 from ...adapters import ModelAdapter, get_adapter
-from ...capture import HiddenCapture
+from ...capture import HiddenCapture, pool, run_to_layer
 from ...errors import LVLMSafetyError
 from ...steering import SteeringHandle, SteeringStep, apply as apply_edit, unsteered, vector_edit
+from .vectorfile import SteeringVectors
 
-POSITIONS = ("image", "text", "all")
+POSITIONS = ("from_image", "image", "text", "all")
 PHASES = ("prompt", "generated", "both")
+COMPOSITIONS = ("sequential", "independent")
 
 
 def steered_positions(positions: str, apply_to: str) -> frozenset[str]:
     """CMRM's ``positions`` x ``apply_to`` as the primitive's position kinds: the
     prompt's image, text or all positions in the prefill; in decode steps the generated
-    tokens, which are text (so ``positions="image"`` leaves them alone)."""
+    tokens, which are text (so ``positions="image"`` leaves them alone).
+    ``from_image`` is ``all`` narrowed by the ``after_image`` filter: the image tokens,
+    the prompt text after them and the generated tokens, in rows that have an image."""
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
     if apply_to not in PHASES:
         raise ValueError(f"apply_to must be one of {PHASES}, got {apply_to!r}")
-    prompt = {"image": {"image"}, "text": {"text"}, "all": {"image", "text"}}[positions]
+    prompt = {"image": {"image"}, "text": {"text"}, "all": {"image", "text"}, "from_image": {"image", "text"}}[positions]
     out: set[str] = set()
     if apply_to in ("prompt", "both"):
         out |= prompt
@@ -53,19 +58,59 @@ def steered_positions(positions: str, apply_to: str) -> frozenset[str]:
         out.add("generated")
     if not out:
         raise ValueError("positions='image' with apply_to='generated' steers nothing: generated tokens are text")
+    if positions == "from_image":
+        out.add("after_image")
     return frozenset(out)
+
+
+def prompt_kinds(kinds: frozenset[str]) -> frozenset[str]:
+    """The part of steered position kinds that acts in a prompt (prefill) forward:
+    what calibration steers when it measures sequentially (empty: nothing)."""
+    out = kinds - {"generated"}
+    return out if out - {"after_image"} else frozenset()
 
 
 class _SampleShift:
     """The sample-level variant: measure h(prompt, reference) - h(prompt, text only)
-    per input in ``prepare``, subtract ``alpha_l`` times it in ``edit``."""
+    per input in ``prepare``, subtract ``alpha_l`` times it in ``edit``.
+
+    ``sequential``: the reference forward runs with its own shift already subtracted at
+    the earlier steered layers (at ``measure_kinds``, the prompt positions the handle
+    steers), so layer l's shift is what is left at layer l after the earlier edits."""
 
     def __init__(self, model: torch.nn.Module, adapter: ModelAdapter, layers: list[int], alpha: Mapping[int, float], *,
-                 reference: str, measure_at: str, processor: Any, noise_seed: int, blank_fill: int) -> None:
+                 reference: str, measure_at: str, processor: Any, noise_seed: int, blank_fill: int,
+                 sequential: bool, measure_kinds: frozenset[str]) -> None:
         self.model, self.adapter = model, adapter
         self.layers, self.alpha = layers, alpha
         self.reference, self.measure_at = reference, measure_at
         self.processor, self.noise_seed, self.blank_fill = processor, noise_seed, blank_fill
+        self.sequential = sequential and bool(measure_kinds)
+        self.measure_kinds = measure_kinds
+
+    def _pooled(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        layout = self.adapter.layout(inputs)
+        mask = layout.attention_mask if self.measure_at == "last" else layout.text_mask
+        with HiddenCapture(self.adapter, self.layers, {"m": mask}, self.measure_at, detach=True) as cap:
+            cap.run(self.model, **inputs)
+        return cap.stacked("m").float()
+
+    def _sequential_shift(self, with_image: Mapping[str, Any], text: torch.Tensor) -> dict[int, torch.Tensor]:
+        row = {layer: i for i, layer in enumerate(self.layers)}
+        shifts: dict[int, torch.Tensor] = {}
+
+        def measure(layer: int, hidden: torch.Tensor, step: SteeringStep) -> torch.Tensor:
+            assert step.layout is not None
+            mask = step.layout.attention_mask if self.measure_at == "last" else step.layout.text_mask
+            shift = pool(hidden.float(), mask, self.measure_at) - text[row[layer]]
+            shifts[layer] = shift
+            return (-self.alpha[layer] * shift).to(hidden.dtype).unsqueeze(1)
+
+        # applied inside unsteered(): this handle acts, the ones installed before do not
+        with apply_edit(self.model, measure, layers=self.layers, positions=self.measure_kinds, adapter=self.adapter,
+                        name="CMRM sample-level measurement"):
+            run_to_layer(self.adapter, self.model, max(self.layers), **with_image)
+        return shifts
 
     def prepare(self, step: SteeringStep) -> None:
         inputs = step.inputs
@@ -82,16 +127,14 @@ class _SampleShift:
             with_image = self.adapter.blank_image_batch(batch, self.reference, seed=self.noise_seed,
                                                         image_processor=image_processor, fill=self.blank_fill)
         text_only = self.adapter.text_only_batch(batch)
-        pooled = []
         with unsteered(), torch.no_grad():
-            for variant in (with_image, text_only):
-                layout = self.adapter.layout(variant)
-                mask = layout.attention_mask if self.measure_at == "last" else layout.text_mask
-                with HiddenCapture(self.adapter, self.layers, {"m": mask}, self.measure_at, detach=True) as cap:
-                    cap.run(self.model, **variant)
-                pooled.append(cap.stacked("m"))
-        diff = pooled[0].float() - pooled[1].float()
-        step.memory["cmrm_shift"] = {layer: diff[i] for i, layer in enumerate(self.layers)}
+            text = self._pooled(text_only)
+            if self.sequential:
+                shifts = self._sequential_shift(with_image, text)
+            else:
+                diff = self._pooled(with_image) - text
+                shifts = {layer: diff[i] for i, layer in enumerate(self.layers)}
+        step.memory["cmrm_shift"] = shifts
 
     def edit(self, layer: int, hidden: torch.Tensor, step: SteeringStep) -> torch.Tensor:
         shift = step.memory["cmrm_shift"][layer]
@@ -104,21 +147,36 @@ def apply(
     *,
     alpha: float | Sequence[float] = 1.0,
     layers: Sequence[int] | None = None,
-    positions: str = "all",
+    positions: str = "from_image",
     apply_to: str = "both",
     variant: str = "dataset",
+    composition: str | None = None,
     reference: str = "blank",
     measure_at: str = "last",
     processor: Any = None,
     noise_seed: int = 0,
     blank_fill: int = 0,
     scope: str = "context",
+    strict: bool = True,
 ) -> SteeringHandle:
     """Install CMRM steering; ``vectors`` is a :class:`SteeringVectors`, a mapping
-    ``{layer: tensor}``, or ``None`` for the sample-level variant."""
+    ``{layer: tensor}``, or ``None`` for the sample-level variant.
+
+    ``composition`` says how the shifts of several layers combine: ``sequential``
+    (each layer's shift measured with the earlier layers steered; a vector file must
+    have been calibrated so, at the same alpha, layers and positions: checked, an
+    error or with ``strict=False`` a warning) or ``independent`` (each layer subtracts
+    the shift measured on the unsteered model, so the edits of earlier layers are
+    subtracted again). ``None``: a vector file's own composition, ``sequential`` for
+    the sample variant. A plain mapping of vectors is taken as calibrated for this call.
+    """
     kinds = steered_positions(positions, apply_to)
     if variant not in ("dataset", "sample"):
         raise ValueError(f"variant must be 'dataset' or 'sample', got {variant!r}")
+    if composition is None:
+        composition = vectors.composition if isinstance(vectors, SteeringVectors) else "sequential"
+    if composition not in COMPOSITIONS:
+        raise ValueError(f"composition must be one of {COMPOSITIONS}, got {composition!r}")
     table = getattr(vectors, "vectors", vectors)
     adapter = get_adapter(model)
     if variant == "dataset":
@@ -136,10 +194,14 @@ def apply(
     by_layer = dict(zip(chosen, alphas))
     common = dict(layers=chosen, positions=kinds, scope=scope, adapter=adapter, name="CMRM steering")
     if variant == "dataset":
+        if isinstance(vectors, SteeringVectors):
+            vectors.check_use(composition=composition, layers=chosen, alpha=by_layer, positions=prompt_kinds(kinds),
+                              strict=strict)
         edit = vector_edit({l: table[l] for l in chosen}, {l: -a for l, a in by_layer.items()})
         return apply_edit(model, edit, **common)
     sample = _SampleShift(model, adapter, chosen, by_layer, reference=reference, measure_at=measure_at, processor=processor,
-                          noise_seed=noise_seed, blank_fill=blank_fill)
+                          noise_seed=noise_seed, blank_fill=blank_fill, sequential=composition == "sequential",
+                          measure_kinds=prompt_kinds(kinds))
     return apply_edit(model, sample.edit, prepare=sample.prepare, **common)
 
 
@@ -154,4 +216,4 @@ def steer(model: torch.nn.Module, vectors: Any = None, **options: Any) -> Iterat
         handle.remove()
 
 
-__all__ = ["SteeringHandle", "apply", "steer", "steered_positions"]
+__all__ = ["SteeringHandle", "apply", "prompt_kinds", "steer", "steered_positions"]

@@ -7,7 +7,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -51,7 +51,16 @@ class SteeringVectors:
     measure_at: str = "last"
     samples: int = 0
     recipe: str = ""
+    #: ``sequential`` (each layer measured under the steering of the earlier ones) or
+    #: ``independent``; files written by earlier releases have no such key and are independent
+    composition: str = "independent"
+    #: sequential only: the alpha of each layer (in ``layers`` order) and the prompt
+    #: position kinds that were steered while measuring; the vectors hold for these
+    alpha: list[float] | None = None
+    positions: list[str] | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    #: the file these vectors were loaded from (not saved; named in errors)
+    path: str | None = field(default=None, compare=False)
 
     @property
     def layers(self) -> list[int]:
@@ -70,7 +79,12 @@ class SteeringVectors:
             "measure_at": self.measure_at,
             "samples": str(self.samples),
             "recipe": self.recipe,
+            "composition": self.composition,
         }
+        if self.alpha is not None:
+            meta["alpha"] = json.dumps(self.alpha)
+        if self.positions is not None:
+            meta["positions"] = json.dumps(self.positions)
         meta.update({f"x-{k}": v for k, v in self.extra.items()})
         return meta
 
@@ -106,8 +120,15 @@ class SteeringVectors:
         try:
             hidden, num_layers, samples = int(meta["hidden_size"]), int(meta["num_layers"]), int(meta["samples"])
             layers = json.loads(meta["layers"])
+            alpha = json.loads(meta["alpha"]) if "alpha" in meta else None
+            positions = json.loads(meta["positions"]) if "positions" in meta else None
         except (ValueError, json.JSONDecodeError) as exc:
             raise VectorFileError(f"{file}: bad metadata: {exc}") from None
+        composition = meta.get("composition", "independent")
+        if composition not in ("sequential", "independent"):
+            raise VectorFileError(f"{file}: unknown composition {composition!r} (expected 'sequential' or 'independent')")
+        if composition == "sequential" and (not isinstance(alpha, list) or len(alpha) != len(layers) or not isinstance(positions, list)):
+            raise VectorFileError(f"{file}: sequential vectors need 'alpha' (one per layer) and 'positions' in the metadata")
         vectors: dict[int, torch.Tensor] = {}
         for layer in layers:
             key = f"layer.{layer}"
@@ -122,7 +143,8 @@ class SteeringVectors:
         return cls(
             vectors=vectors, model_class=meta["model_class"], fingerprint=meta["fingerprint"], hidden_size=hidden,
             num_layers=num_layers, variant=meta["variant"], reference=meta["reference"], measure_at=meta["measure_at"],
-            samples=samples, recipe=meta.get("recipe", ""),
+            samples=samples, recipe=meta.get("recipe", ""), composition=composition, path=str(file),
+            alpha=[float(a) for a in alpha] if alpha is not None else None, positions=positions,
             extra={k[2:]: v for k, v in meta.items() if k.startswith("x-")},
         )
 
@@ -146,6 +168,43 @@ class SteeringVectors:
             if strict:
                 raise VectorFileError(msg + " (pass strict=False / cmrm.strict=false to use them anyway)")
             warnings.warn(msg, stacklevel=2)
+
+    def check_use(self, *, composition: str, layers: Sequence[int], alpha: Mapping[int, float],
+                  positions: Iterable[str] | None, strict: bool = True, source: str | Path | None = None) -> None:
+        """Refuse steering these vectors in a way they were not calibrated for.
+
+        Sequential vectors hold only for the layers, the alphas and the prompt
+        positions they were measured under: layer l's vector was measured with the
+        steered layers before it steered at their alpha, so every steered layer must be
+        one of them (the same set), every alpha but the last layer's must be the same,
+        and the prompt positions must be the same. ``positions=None`` skips that check
+        (folding, which steers every position). Errors name the recipe key
+        (``cmrm.composition``, ``cmrm.layers``, ``cmrm.alpha``, ``cmrm.positions``);
+        ``strict=False`` warns instead.
+        """
+        problems: list[str] = []
+        if composition != self.composition:
+            problems.append(f"cmrm.composition: the vectors were calibrated '{self.composition}', the recipe says '{composition}'")
+        elif composition == "sequential":
+            chosen = sorted(int(l) for l in layers)
+            if chosen != self.layers:
+                problems.append(f"cmrm.layers: sequential vectors were calibrated on layers {self.layers}; steering {chosen} "
+                                "would apply vectors measured under another steering")
+            else:
+                calibrated = dict(zip(self.layers, self.alpha or []))
+                bad = [l for l in chosen[:-1] if abs(float(alpha[l]) - float(calibrated.get(l, float("nan")))) > 1e-9]
+                if bad:
+                    problems.append(f"cmrm.alpha: sequential vectors were calibrated at alpha {[calibrated[l] for l in bad]} on layers "
+                                    f"{bad}, the recipe steers them at {[float(alpha[l]) for l in bad]}")
+            if positions is not None and sorted(positions) != sorted(self.positions or []):
+                problems.append(f"cmrm.positions: sequential vectors were calibrated steering {sorted(self.positions or [])}, "
+                                f"the recipe steers {sorted(positions)} in the prompt")
+        if not problems:
+            return
+        msg = f"{source or self.path or '<vectors>'}: " + "; ".join(problems) + " (recalibrate with this recipe)"
+        if strict:
+            raise VectorFileError(msg + ", or pass strict=False / cmrm.strict=false to use them anyway")
+        warnings.warn(msg, stacklevel=2)
 
     def scaled(self, alpha: float | Mapping[int, float]) -> dict[int, torch.Tensor]:
         return {l: v * (alpha[l] if isinstance(alpha, Mapping) else alpha) for l, v in self.vectors.items()}

@@ -62,6 +62,12 @@ class ComparativeConfig:
     crop_parts: list[str] = field(default_factory=lambda: ["image"])
     #: p of CmpCrop: the share of image / context tokens removed by the first ablated model
     crop_share: float = 0.2
+    #: crop_parts 'context' may also remove the question's tokens (the earlier releases'
+    #: behaviour; the paper removes only input that is irrelevant to the answer)
+    crop_question: bool = False
+    #: the example field holding the question; where absent, the first human turn of
+    #: ``conversations`` or ``prompt``, less the image placeholder and TGA's retrieved text
+    question_key: str = "question"
     temperature: float = 1.0
     target: Target = Target.ultra
     #: whether the dummy takes part in the pairs; null: as the CmpLoss code, yes with

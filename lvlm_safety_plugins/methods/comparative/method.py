@@ -25,14 +25,14 @@ Per training step:
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import torch
 
 from ...errors import LVLMSafetyError
 from ...markers import hookimpl
 from ..base import Method
-from ..tga.method import RETRIEVED_MASK
+from ..tga.method import INSERTED, RETRIEVED_MASK, locate_text
 from .ablation import SharedUniform, dropout_modules, nested_dropout
 from .config import Ablation, ComparativeConfig, Granularity, Mode, Site
 from .loss import IGNORE_INDEX, comparative_loss, nested_rate, sequence_losses
@@ -43,6 +43,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 SHARED = "comparative_shared"
 SWITCHED = "comparative_dropout"
+#: batch entry this plugin adds through ``collate``: the question's tokens, never cropped
+QUESTION_MASK = "comparative_question_mask"
+QUESTION_UNLOCATED = "comparative_question_unlocated"
+#: the image placeholder split out of the question text
+IMAGE_PLACEHOLDER = "<image>"
 
 
 def checkpointing(model: torch.nn.Module) -> bool:
@@ -61,6 +66,54 @@ class Comparative(Method):
     def __init__(self, config: Any, runtime: Any = None) -> None:
         super().__init__(config, runtime)
         self._micro = 0
+
+    # -- data ----------------------------------------------------------------------
+
+    def _question(self, example: Mapping[str, Any]) -> str | None:
+        text = example.get(self.config.question_key)
+        if not isinstance(text, str):
+            text = None
+            turns = example.get("conversations")
+            if isinstance(turns, list):
+                human = [t.get("value") for t in turns if isinstance(t, Mapping) and t.get("from") == "human"]
+                text = human[0] if human and isinstance(human[0], str) else None
+            elif isinstance(example.get("prompt"), str):
+                text = example["prompt"]
+            inserted = example.get(INSERTED)
+            if text is not None and isinstance(inserted, str) and inserted:
+                text = text.replace(inserted, " ").replace(inserted.strip(), " ")
+        return text if text and text.strip() else None
+
+    @hookimpl
+    def collate(self, examples: Sequence[dict], batch: dict) -> dict[str, torch.Tensor] | None:
+        """Mark each row's question tokens (``QUESTION_MASK``), which CmpCrop's
+        ``context`` part never removes. The question text is split at the image
+        placeholder and each piece located in the row's ``input_ids``; a row whose
+        question cannot be located gets its whole prompt marked (nothing of it is
+        cropped), counted in the ``comparative/question_unlocated`` metric."""
+        if self.config.ablation != Ablation.crop or "context" not in self.config.crop_parts or self.config.crop_question:
+            return None
+        input_ids = batch.get("input_ids")
+        if input_ids is None:
+            return None
+        tok = getattr(self.runtime, "tokenizer", None) if self.runtime is not None else None
+        if tok is None:
+            raise LVLMSafetyError("comparative: crop_parts 'context' needs a tokenizer to find the question "
+                                  "(the integration sets runtime.tokenizer), or comparative.crop_question: true")
+        mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        unlocated = 0
+        for i, example in enumerate(examples):
+            text = self._question(example)
+            pieces = [p.strip() for p in (text or "").split(IMAGE_PLACEHOLDER) if p.strip()]
+            row = input_ids[i].tolist()
+            found = [locate_text(tok, row, piece) for piece in pieces]
+            if not pieces or any(f is None for f in found):
+                unlocated += 1
+                mask[i] = True
+                continue
+            for start, length in found:  # type: ignore[misc]
+                mask[i, start : start + length] = True
+        return {QUESTION_MASK: mask, QUESTION_UNLOCATED: torch.tensor(unlocated)}
 
     # -- ablations -----------------------------------------------------------------
 
@@ -134,6 +187,12 @@ class Comparative(Method):
             # keep each row's first real token (BOS) so no row is left empty
             first = attention.bool().int().argmax(dim=1)
             prompt[torch.arange(prompt.shape[0]), first] = False
+            if not self.config.crop_question:
+                question = ctx.scratch.get("extras", {}).get(QUESTION_MASK)
+                if question is None:
+                    raise LVLMSafetyError("comparative: no question mask for this batch (collate did not run through "
+                                          "the runtime); set comparative.crop_question: true to crop without one")
+                prompt &= ~question.to(prompt.device).bool()
             drop |= prompt & (shared.get("context", input_ids.shape, input_ids.device) < rate)
         if "retrieved" in parts:
             extras = ctx.scratch.get("extras", {})
@@ -207,6 +266,9 @@ class Comparative(Method):
     def loss_terms(self, model: torch.nn.Module, batch: dict, outputs: Any, ctx: "StepContext") -> dict[str, torch.Tensor] | None:
         if not ctx.training or SHARED not in ctx.scratch:
             return None
+        unlocated = ctx.scratch.get("extras", {}).get(QUESTION_UNLOCATED)
+        if unlocated is not None:
+            ctx.metrics["comparative/question_unlocated"] = float(unlocated)
         host = getattr(outputs, "loss", None)
         if host is None or batch.get("labels") is None:
             raise LVLMSafetyError("comparative: the host forward returned no loss (the batch needs `labels`)")

@@ -21,6 +21,13 @@ class Schedule(enum.Enum):
     none = "none"  # both factors 0: terms are computed and logged but do not train
 
 
+class CaptionContext(enum.Enum):
+    """Where the caption stands in its teacher pass."""
+
+    prompt = "prompt"  # the training prompt's template up to the image, the caption in the image slot
+    bare = "bare"  # the caption alone, with the tokenizer's special tokens (BOS), every token pooled
+
+
 @dataclass
 class TGAConfig:
     """Settings of the TGA loss.
@@ -31,11 +38,13 @@ class TGAConfig:
     with img, cap, ret the hidden states pooled per layer over the image tokens, the
     caption (a separate no-grad text-only pass of the same model) and the retrieved-text
     tokens, and a, b the schedule factors. The reference code's values are the defaults:
-    layers 10-18 (of 32), weights 1/4 and 1/10, the ``paper`` schedule.
+    its layers ``hidden_states[10..18]`` of 32, which are layers 9-17 in this library's
+    numbering (layer l = the output of decoder layer l, from 0), weights 1/4 and 1/10,
+    the ``paper`` schedule.
     """
 
-    #: "10-18", a list of layer ids, "all", or "auto" (read from ``analysis``)
-    layers: Any = "10-18"
+    #: "9-17", a list of layer ids, "all", or "auto" (read from ``analysis``)
+    layers: Any = "9-17"
     #: JSON written by ``lvlm-safety analyze``; used when ``layers: auto``
     analysis: Optional[str] = None
     pooling: Pooling = Pooling.mean
@@ -51,6 +60,8 @@ class TGAConfig:
     image_placeholder: str = "<image>"
     #: longest caption (tokens) in the teacher pass
     caption_max_length: int = 128
+    #: the caption's teacher pass: in the training prompt's template (prompt) or alone (bare)
+    caption_context: CaptionContext = CaptionContext.prompt
 
     @staticmethod
     def check(cfg: Any) -> None:

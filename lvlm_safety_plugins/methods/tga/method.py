@@ -7,9 +7,16 @@ Per training step (through the lifecycle hooks):
    first half is used (as in the reference code), so the answer is not handed over.
 2. ``collate``: the caption is tokenized for the teacher pass, and the retrieved-text
    tokens are located in each row's ``input_ids`` (a mask, never an offset).
-3. ``before_forward``: the caption teacher pass (text only, no grad, eval mode) is
-   pooled per layer on the fly; capture hooks are installed for the training forward
-   over the image tokens and the retrieved-text tokens (in decoder coordinates).
+3. ``before_forward``: the caption teacher pass (text only, no grad, eval mode, the
+   decoder stopped after the deepest TGA layer) is pooled per layer on the fly. With
+   ``caption_context: prompt`` (the default, as the reference code) each row's teacher
+   sequence is the training row's own tokens up to its first image token, without the
+   retrieved text, followed by the caption's tokens in the image slot; only the
+   caption's tokens are pooled (never BOS, the system prompt or the template, whose
+   massive activations would dominate a mean). Capture hooks are installed for the
+   training forward over the image tokens and the retrieved-text tokens (in decoder
+   coordinates). Reentrant gradient checkpointing is switched to non-reentrant (same
+   gradients), since under it the captured states would carry no gradient.
 4. ``loss_terms``: ``tga/pair`` = w_pair a(r) mean exp(-cos(img, cap)) and
    ``tga/rank`` = w_rank b(r) mean exp(cos(ret, cap) - cos(img, cap)), in torch, so
    both terms carry gradients to the projector (the reference code computed them with
@@ -29,12 +36,14 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from ... import compat
+from ...adapters.base import repad
 from ...capture import HiddenCapture
-from ...errors import LVLMSafetyError
+from ...errors import GradientError, LVLMSafetyError
 from ...markers import hookimpl
 from ..base import Method
 from ..layers import parse_layers
-from .config import Schedule, TGAConfig
+from .config import CaptionContext, Schedule, TGAConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from ...adapters.base import ModelAdapter
@@ -65,6 +74,11 @@ def schedule_factors(schedule: Schedule | str, progress: float) -> tuple[float, 
     raise ValueError(f"unknown schedule {name!r}; valid: paper, constant, none")
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (half precision is upcast; float64 stays float64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def tga_terms(
     img: torch.Tensor,
     cap: torch.Tensor,
@@ -79,7 +93,7 @@ def tga_terms(
     ``rank`` = mean over layers and rows with retrieved text of
     exp(cos(ret, cap) - cos(img, cap)). A term with no rows is left out.
     """
-    cos_ic = F.cosine_similarity(img.float(), cap.float(), dim=-1)  # [L, B]
+    cos_ic = F.cosine_similarity(_compute_dtype(img), _compute_dtype(cap).to(img.device), dim=-1)  # [L, B]
     valid = torch.ones(cos_ic.shape[1], dtype=torch.bool, device=cos_ic.device) if valid is None else valid.to(cos_ic.device)
     out: dict[str, torch.Tensor] = {}
     if bool(valid.any()):
@@ -88,7 +102,7 @@ def tga_terms(
     if ret is not None:
         rv = valid if ret_valid is None else (ret_valid.to(cos_ic.device) & valid)
         if bool(rv.any()):
-            cos_rc = F.cosine_similarity(ret.float(), cap.float(), dim=-1)
+            cos_rc = F.cosine_similarity(_compute_dtype(ret), _compute_dtype(cap).to(ret.device), dim=-1)
             out["rank"] = torch.exp(cos_rc[:, rv] - cos_ic[:, rv]).mean()
     return out
 
@@ -102,6 +116,18 @@ def find_subsequence(row: Sequence[int], pattern: Sequence[int]) -> int:
         if list(row[start : start + m]) == list(pattern):
             return start
     return -1
+
+
+def locate_text(tokenizer: Any, row: Sequence[int], text: str) -> tuple[int, int] | None:
+    """``(start, length)`` of the last place ``text``'s tokens stand in ``row``, trying
+    the tokenizations a text gets inside a prompt (stripped, as is, after a space);
+    None where none of them is found."""
+    for variant in dict.fromkeys((text.strip(), text, " " + text.strip())):
+        pattern = tokenizer(variant, add_special_tokens=False)["input_ids"]
+        start = find_subsequence(row, pattern)
+        if start >= 0:
+            return start, len(pattern)
+    return None
 
 
 class TGA(Method):
@@ -207,7 +233,10 @@ class TGA(Method):
         captions = [c if isinstance(c, str) and c.strip() else "" for c in captions]
         out: dict[str, torch.Tensor] = {}
         if any(captions):
-            enc = tok(captions, padding=True, truncation=True, max_length=int(self.config.caption_max_length), return_tensors="pt")
+            # in the prompt's template the caption's own tokens go in the image slot: no BOS
+            special = self.config.caption_context == CaptionContext.bare
+            enc = tok(captions, padding=True, truncation=True, max_length=int(self.config.caption_max_length),
+                      return_tensors="pt", add_special_tokens=special)
             mask = enc["attention_mask"].clone()
             for i, c in enumerate(captions):
                 if not c:
@@ -221,17 +250,52 @@ class TGA(Method):
                 text = e.get(INSERTED)
                 if not text:
                     continue
-                row = input_ids[i].tolist()
-                for variant in (text.strip(), text, " " + text.strip()):
-                    pattern = tok(variant, add_special_tokens=False)["input_ids"]
-                    start = find_subsequence(row, pattern)
-                    if start >= 0:
-                        ret_mask[i, start : start + len(pattern)] = True
-                        break
+                found = locate_text(tok, input_ids[i].tolist(), text)
+                if found is not None:
+                    ret_mask[i, found[0] : found[0] + found[1]] = True
             out[RETRIEVED_MASK] = ret_mask
         return out or None
 
     # -- training step -----------------------------------------------------------
+
+    def teacher_batch(self, adapter: "ModelAdapter", batch: Mapping[str, Any], caption_ids: torch.Tensor,
+                      caption_mask: torch.Tensor, retrieved: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The caption teacher pass's inputs: ``input_ids``, ``attention_mask`` (right
+        padded) and ``caption_mask``, the caption's own tokens (what is pooled).
+
+        Row b is the training row's real tokens before its first image token, less
+        the ``retrieved`` ones (TGA's inserted text), then row b's caption tokens: the
+        caption stands where the image stood, in the same template. A row without an
+        image or caption gets its caption (or one pad token) alone and an empty
+        ``caption_mask``."""
+        input_ids = batch["input_ids"]
+        attention = batch.get("attention_mask")
+        attention = torch.ones_like(input_ids, dtype=torch.bool) if attention is None else attention.bool()
+        image = adapter.image_token_positions(input_ids) & attention
+        pad = adapter.pad_token_id
+        rows, masks = [], []
+        for b in range(input_ids.shape[0]):
+            caption = caption_ids[b][caption_mask[b].bool()].to(input_ids.device)
+            keep = attention[b].clone()
+            if retrieved is not None:
+                keep &= ~retrieved[b].to(keep.device).bool()
+            if bool(image[b].any()) and caption.numel():
+                first = int(image[b].nonzero()[0, 0])
+                keep[first:] = False
+                prefix = input_ids[b][keep]
+            else:
+                prefix = input_ids[b][:0]
+                if not caption.numel():
+                    caption = torch.full((1,), pad, dtype=input_ids.dtype, device=input_ids.device)
+                    rows.append(caption)
+                    masks.append(torch.zeros(1, dtype=torch.bool, device=input_ids.device))
+                    continue
+            rows.append(torch.cat([prefix, caption.to(input_ids.dtype)]))
+            masks.append(torch.cat([torch.zeros(len(prefix), dtype=torch.bool, device=input_ids.device),
+                                    torch.ones(len(caption), dtype=torch.bool, device=input_ids.device)]))
+        ids = repad(rows, pad, "right")
+        real = repad([torch.ones(len(r), dtype=torch.long, device=ids.device) for r in rows], 0, "right")
+        return {"input_ids": ids, "attention_mask": real, "caption_mask": repad(masks, False, "right").bool()}
 
     @hookimpl
     def before_forward(self, model: torch.nn.Module, batch: dict, ctx: "StepContext") -> None:
@@ -242,12 +306,28 @@ class TGA(Method):
         layers = self.layers(adapter)
         pooling = self.config.pooling.name
         cap_ids, cap_mask = extras[CAPTION_IDS], extras[CAPTION_MASK]
+        if model.training and torch.is_grad_enabled():
+            left = compat.non_reentrant_checkpointing(model)
+            if left:
+                raise GradientError(
+                    f"tga: gradient checkpointing of {type(left[0]).__name__} uses a checkpoint function that is not "
+                    "torch.utils.checkpoint.checkpoint, which this plugin cannot switch to use_reentrant=False; a reentrant "
+                    "checkpoint runs the forward under no_grad, so the TGA terms would train nothing. Turn that "
+                    "checkpointing off, or enable transformers' with gradient_checkpointing_kwargs={'use_reentrant': False}"
+                )
+        if self.config.caption_context == CaptionContext.prompt:
+            teacher = self.teacher_batch(adapter, batch, cap_ids, cap_mask, extras.get(RETRIEVED_MASK))
+            teacher_inputs = {"input_ids": teacher["input_ids"], "attention_mask": teacher["attention_mask"]}
+            pooled_mask = teacher["caption_mask"]
+        else:
+            teacher_inputs = {"input_ids": cap_ids, "attention_mask": cap_mask.clamp(min=0)}
+            pooled_mask = cap_mask.bool()
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad(), HiddenCapture(adapter, layers, {"cap": cap_mask.bool()}, pooling, detach=True) as cap:
-                # stops after the deepest TGA layer: later layers and the LM head never run
-                cap.run(model, input_ids=cap_ids, attention_mask=cap_mask.clamp(min=0))
+            with torch.no_grad(), HiddenCapture(adapter, layers, {"cap": pooled_mask}, pooling, detach=True) as cap:
+                # stops after the deepest TGA layer: later layers never run
+                cap.run(model, **teacher_inputs)
         finally:
             model.train(was_training)
         ctx.scratch["tga_cap"] = cap.stacked("cap")
@@ -255,7 +335,7 @@ class TGA(Method):
         masks = {"img": layout.image_mask}
         if RETRIEVED_MASK in extras:
             masks["ret"] = layout.map_token_mask(extras[RETRIEVED_MASK].to(layout.image_mask.device))
-        ctx.scratch["tga_valid"] = cap_mask.bool().any(dim=1).to(layout.image_mask.device) & layout.image_mask.any(dim=1)
+        ctx.scratch["tga_valid"] = pooled_mask.any(dim=1).to(layout.image_mask.device) & layout.image_mask.any(dim=1)
         capture = HiddenCapture(adapter, layers, masks, pooling)
         ctx.scratch["tga_capture"] = capture.__enter__()
 
@@ -266,6 +346,13 @@ class TGA(Method):
             return None
         capture.remove()
         img = capture.stacked("img")
+        if torch.is_grad_enabled() and model.training and not img.requires_grad and \
+                any(p.requires_grad for p in model.parameters()):
+            raise GradientError(
+                "tga: the image-token states captured in the training forward carry no gradient, so the TGA terms "
+                "would train nothing (was the forward run under torch.no_grad, or inside a reentrant gradient "
+                "checkpoint that could not be switched?)"
+            )
         ret = capture.stacked("ret") if "ret" in capture.masks else None
         ret_valid = capture.masks["ret"].any(dim=1) if "ret" in capture.masks else None
         raw = tga_terms(img, ctx.scratch["tga_cap"].to(img.device), ret, valid=ctx.scratch["tga_valid"], ret_valid=ret_valid)
@@ -289,4 +376,4 @@ class TGA(Method):
         ctx.scratch.pop("tga_valid", None)
 
 
-__all__ = ["TGA", "find_subsequence", "schedule_factors", "tga_terms"]
+__all__ = ["TGA", "find_subsequence", "locate_text", "schedule_factors", "tga_terms"]
