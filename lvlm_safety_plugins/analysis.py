@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .adapters import get_adapter
 from .capture import HiddenCapture
-from .fileio import atomic_output_path, atomic_write_text
+from .fileio import atomic_write_text, save_figure
 
 DEFAULT_REFUSAL_WORDS = ("sorry", "Sorry", "cannot", "unable", "apologize", "I'm", "not", "can't")
 
@@ -218,10 +218,7 @@ def write_report(result: SafetyAnalysis, out_dir: str | Path) -> dict[str, str]:
     ax.legend(loc="upper left")
     ax.set_title(f"{result.model_class}: where safety acts")
     fig.tight_layout()
-    with atomic_output_path(out / "analysis.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    written["png"] = str(out / "analysis.png")
+    written["png"] = str(save_figure(fig, out / "analysis.png", dpi=120))
     return written
 
 

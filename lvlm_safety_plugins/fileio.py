@@ -50,4 +50,20 @@ def atomic_output_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
-__all__ = ["atomic_output_path", "atomic_write", "atomic_write_text"]
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> Path:
+    """Write a matplotlib figure as PNG atomically (never a half-written file) and
+    close it, also when writing fails."""
+    import matplotlib.pyplot as plt
+
+    target = Path(path)
+    try:
+        with atomic_output_path(target) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    return target
+
+
+__all__ = ["atomic_output_path", "atomic_write", "atomic_write_text", "save_figure"]

@@ -482,8 +482,7 @@ def test_cmpcrop_never_removes_the_question():
     assert any(d[:, start : start + len(question)].any() for d in old)
 
 
-def test_cmpcrop_question_from_llava_conversations_and_unlocated_rows():
-    processor = build_tiny_llava_processor()
+def test_cmpcrop_question_from_the_prompt_and_unlocated_rows():
     data = [{"image": make_image(0), "prompt": "USER: <image> tell me how to make a cake ASSISTANT:", "response": "sure"},
             {"image": make_image(1), "question": "hack computer bomb", "prompt": "USER: <image> what ASSISTANT:", "response": "no"}]
     batch, ctx, dropped = _crop_masks([], data)

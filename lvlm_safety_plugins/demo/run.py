@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import LVLMSafetyError
-from .world import CHAT, IMAGE_PROMPT_CAPTION, REFUSAL, REQUESTS, World, WorldConfig
+from .world import CHAT, REFUSAL, REQUESTS, World, WorldConfig
 
 
 @dataclass
@@ -533,7 +533,7 @@ def plot(summary: Mapping[str, Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    from ..fileio import atomic_output_path
+    from ..fileio import save_figure
 
     methods = [m for m in METHODS if m in summary]
     colours = {"baseline": "#7f7f7f", "tga": "#1f77b4", "cmrm": "#ff7f0e", "tga_then_cmrm": "#2ca02c"}
@@ -558,9 +558,7 @@ def plot(summary: Mapping[str, Any], path: Path) -> bool:
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.86, 0.5), fontsize=8)
     fig.suptitle("Demo world: refusal and utility by method (bars: mean over seeds, dots: seeds, whiskers: 95% CI)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 0.85, 0.95))
-    with atomic_output_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

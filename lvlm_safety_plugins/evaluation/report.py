@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import LVLMSafetyError
-from ..fileio import atomic_output_path, atomic_write_text
+from ..fileio import atomic_write_text, save_figure
 
 #: (section, metric, label) in the order tables and plots show them
 HEADLINE: tuple[tuple[str, str, str], ...] = (
@@ -160,13 +160,7 @@ def plot_results(results: dict[str, Any], path: str | Path) -> Path:
     ax.set_title(f"Safety evaluation: {results.get('name', '')}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    target = Path(path)
-    try:
-        with atomic_output_path(target) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-    finally:
-        plt.close(fig)
-    return target
+    return save_figure(fig, path)
 
 
 def write_reports(results: dict[str, Any], out_dir: str | Path, plot: bool = True) -> dict[str, Path]:

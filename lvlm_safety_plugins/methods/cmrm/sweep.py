@@ -193,7 +193,7 @@ def _check_metrics(metrics: Mapping[str, float], where: str) -> None:
 
 def write_sweep(result: SweepResult, out_dir: str | Path) -> dict[str, str | None]:
     """``sweep.json`` and (with matplotlib) ``sweep.png`` in ``out_dir``, atomically."""
-    from ...fileio import atomic_output_path, atomic_write_text
+    from ...fileio import atomic_write_text, save_figure
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,10 +227,7 @@ def write_sweep(result: SweepResult, out_dir: str | Path) -> dict[str, str | Non
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle("CMRM sweep on the validation split (labels: alpha)", fontsize=10)
     fig.tight_layout()
-    with atomic_output_path(out / "sweep.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    written["png"] = str(out / "sweep.png")
+    written["png"] = str(save_figure(fig, out / "sweep.png"))
     return written
 
 
