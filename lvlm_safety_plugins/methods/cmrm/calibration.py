@@ -1,8 +1,9 @@
 """CMRM calibration: the mean image-induced shift per layer over a dataset.
 
 For every sample, ``h_l(prompt with the reference image) - h_l(prompt, text only)`` is
-measured at ``measure_at`` (with ``composition: sequential``, the default, the first
-state under the steering of the earlier steered layers: see :func:`calibrate`) (the last real token, or the mean over the prompt's text
+measured (with ``composition: sequential``, the default, the first term under the
+steering of the earlier steered layers: see :func:`calibrate`) at ``measure_at`` (the
+last real token, or the mean over the prompt's text
 tokens, which both inputs share). The reference image is a constant ``blank`` image
 (through the model's own processor) or seeded ``noise``, which carry the modality but no
 content; with ``reference: none`` the sample's own image is used. The text-only input
@@ -26,9 +27,9 @@ from tqdm.auto import tqdm
 
 from ...adapters import get_adapter
 from ...capture import HiddenCapture
-from ...errors import ConfigValueError
 from ...loading import DataFileError, open_image, read_records
 from ...steering import steer, vector_edit
+from .config import alpha_by_layer
 from .vectorfile import SteeringVectors, model_fingerprint
 
 
@@ -115,12 +116,20 @@ def _wrap_prompt(prompt: str, template: str | None) -> str:
     return text if "<image>" in text else "<image>\n" + text
 
 
-def _alphas(alpha: Any, layers: Sequence[int]) -> dict[int, float]:
-    """``alpha`` (one float, or one per layer in ``layers`` order) as ``{layer: float}``."""
-    values = [float(alpha)] * len(layers) if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
-    if len(values) != len(layers):
-        raise ConfigValueError("alpha", f"alpha has {len(values)} values for {len(layers)} steered layers")
-    return dict(zip(layers, values))
+def measure_mask(layout: Any, measure_at: str) -> torch.Tensor:
+    """Where a shift is measured: every real position for ``last`` (pooled at the last
+    one), the text positions for ``mean``."""
+    return layout.attention_mask if measure_at == "last" else layout.text_mask
+
+
+def measure_states(adapter: Any, model: torch.nn.Module, inputs: Mapping[str, Any], layers: Sequence[int],
+                   measure_at: str) -> torch.Tensor:
+    """``[layers, batch, hidden]`` (float32): the states of ``inputs`` at ``layers``,
+    pooled at ``measure_at``; the forward stops after the deepest of ``layers``."""
+    mask = measure_mask(adapter.layout(inputs), measure_at)
+    with HiddenCapture(adapter, layers, {"m": mask}, measure_at, detach=True) as cap:
+        cap.run(model, **inputs)
+    return cap.stacked("m").float()
 
 
 @torch.no_grad()
@@ -160,7 +169,7 @@ def calibrate(
     noise_seed = int(_option(config, "noise_seed", 0))
     fill = int(_option(config, "blank_fill", 0))
     composition = _option(config, "composition", "sequential")
-    alpha = _alphas(_option(config, "alpha", 1.0), chosen)
+    alpha = alpha_by_layer(_option(config, "alpha", 1.0), chosen)
     kinds = prompt_kinds(steered_positions(_option(config, "positions", "from_image"), _option(config, "apply_to", "both")))
     from ...distributed import is_distributed, rank, world_size
 
@@ -184,11 +193,7 @@ def calibrate(
             yield with_image, adapter.text_only_batch(batch)
 
     def pooled(inputs: Mapping[str, Any], at: Sequence[int]) -> torch.Tensor:
-        layout = adapter.layout(inputs)
-        mask = layout.attention_mask if measure_at == "last" else layout.text_mask
-        with HiddenCapture(adapter, at, {"m": mask}, measure_at, detach=True) as cap:
-            cap.run(model, **inputs)
-        return cap.stacked("m").float()
+        return measure_states(adapter, model, inputs, at, measure_at)
 
     sequential = composition == "sequential" and len(chosen) > 1 and bool(kinds)
     passes = 1 + (len(chosen) if sequential else 0)
@@ -213,7 +218,7 @@ def calibrate(
             vectors = {}
             for layer in chosen:
                 image = ShiftAccumulator([layer], adapter.hidden_size)
-                done = {l: vectors[l] for l in vectors}
+                done = dict(vectors)
                 with contextlib.ExitStack() as stack:
                     if done:
                         edit = vector_edit(done, {l: -alpha[l] for l in done})
@@ -255,4 +260,4 @@ def save_vectors(vectors: SteeringVectors, path: str | Path) -> Path:
     return target
 
 
-__all__ = ["ShiftAccumulator", "calibrate", "iter_calibration_rows", "save_vectors"]
+__all__ = ["ShiftAccumulator", "calibrate", "iter_calibration_rows", "measure_mask", "measure_states", "save_vectors"]

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from ...errors import ConfigValueError
 from ..layers import parse_layers
+
+
+def alpha_by_layer(alpha: Any, layers: Sequence[int]) -> dict[int, float]:
+    """``alpha`` (one number, or one per layer in ``layers`` order) as ``{layer: float}``;
+    a length mismatch is a :class:`ConfigValueError` naming ``alpha``."""
+    values = [float(alpha)] * len(layers) if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
+    if len(values) != len(layers):
+        raise ConfigValueError("alpha", f"alpha has {len(values)} values for {len(layers)} steered layers")
+    return dict(zip(layers, values))
 
 
 class Variant(enum.Enum):

@@ -21,6 +21,7 @@ import torch
 
 from ...adapters import get_adapter
 from ...errors import LVLMSafetyError
+from .config import alpha_by_layer
 from .vectorfile import SteeringVectors
 
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -80,11 +81,9 @@ def fold_into_weights(
     table: Mapping[int, torch.Tensor] = getattr(vectors, "vectors", vectors)
     adapter = get_adapter(model)
     chosen = sorted(table) if layers is None else adapter.resolve_layers(layers)
-    alphas = [float(alpha)] * len(chosen) if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
-    if len(alphas) != len(chosen):
-        raise ValueError(f"alpha has {len(alphas)} values for {len(chosen)} layers")
+    by_layer = alpha_by_layer(alpha, chosen)
     if isinstance(vectors, SteeringVectors):
-        vectors.check_use(composition=composition or vectors.composition, layers=chosen, alpha=dict(zip(chosen, alphas)),
+        vectors.check_use(composition=composition or vectors.composition, layers=chosen, alpha=by_layer,
                           positions=["image", "text"] if vectors.composition == "sequential" else None, strict=strict)
     decoder = adapter.decoder_layers
     missing = [layer for layer in chosen if layer not in table]
@@ -98,7 +97,7 @@ def fold_into_weights(
         elif i in chosen:
             _ensure_bias(mlp.down_proj)
     with torch.no_grad():
-        for layer, a in zip(chosen, alphas):
+        for layer, a in by_layer.items():
             bias = decoder[layer].mlp.down_proj.bias
             bias -= (a * table[layer]).to(bias.device, bias.dtype)
     if savable:

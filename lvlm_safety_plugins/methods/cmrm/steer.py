@@ -30,9 +30,11 @@ import torch
 
 from ... import compat
 from ...adapters import ModelAdapter, get_adapter
-from ...capture import HiddenCapture, pool, run_to_layer
+from ...capture import pool, run_to_layer
 from ...errors import LVLMSafetyError
 from ...steering import SteeringHandle, SteeringStep, apply as apply_edit, unsteered, vector_edit
+from .calibration import measure_mask, measure_states
+from .config import alpha_by_layer
 from .vectorfile import SteeringVectors
 
 POSITIONS = ("from_image", "image", "text", "all")
@@ -89,11 +91,7 @@ class _SampleShift:
         self.measure_kinds = measure_kinds
 
     def _pooled(self, inputs: Mapping[str, Any]) -> torch.Tensor:
-        layout = self.adapter.layout(inputs)
-        mask = layout.attention_mask if self.measure_at == "last" else layout.text_mask
-        with HiddenCapture(self.adapter, self.layers, {"m": mask}, self.measure_at, detach=True) as cap:
-            cap.run(self.model, **inputs)
-        return cap.stacked("m").float()
+        return measure_states(self.adapter, self.model, inputs, self.layers, self.measure_at)
 
     def _sequential_shift(self, with_image: Mapping[str, Any], text: torch.Tensor) -> dict[int, torch.Tensor]:
         row = {layer: i for i, layer in enumerate(self.layers)}
@@ -101,8 +99,7 @@ class _SampleShift:
 
         def measure(layer: int, hidden: torch.Tensor, step: SteeringStep) -> torch.Tensor:
             assert step.layout is not None
-            mask = step.layout.attention_mask if self.measure_at == "last" else step.layout.text_mask
-            shift = pool(hidden.float(), mask, self.measure_at) - text[row[layer]]
+            shift = pool(hidden.float(), measure_mask(step.layout, self.measure_at), self.measure_at) - text[row[layer]]
             shifts[layer] = shift
             return (-self.alpha[layer] * shift).to(hidden.dtype).unsqueeze(1)
 
@@ -188,10 +185,7 @@ def apply(
             raise LVLMSafetyError(f"no calibrated vector for layers {missing} (the file has {sorted(table)})")
     else:
         chosen = adapter.resolve_layers(layers)
-    alphas = [float(alpha)] * len(chosen) if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
-    if len(alphas) != len(chosen):
-        raise ValueError(f"alpha has {len(alphas)} values for {len(chosen)} steered layers")
-    by_layer = dict(zip(chosen, alphas))
+    by_layer = alpha_by_layer(alpha, chosen)
     common = dict(layers=chosen, positions=kinds, scope=scope, adapter=adapter, name="CMRM steering")
     if variant == "dataset":
         if isinstance(vectors, SteeringVectors):

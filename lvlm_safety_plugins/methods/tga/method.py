@@ -275,24 +275,19 @@ class TGA(Method):
         pad = adapter.pad_token_id
         rows, masks = [], []
         for b in range(input_ids.shape[0]):
-            caption = caption_ids[b][caption_mask[b].bool()].to(input_ids.device)
-            keep = attention[b].clone()
-            if retrieved is not None:
-                keep &= ~retrieved[b].to(keep.device).bool()
-            if bool(image[b].any()) and caption.numel():
-                first = int(image[b].nonzero()[0, 0])
-                keep[first:] = False
+            caption = caption_ids[b][caption_mask[b].bool()].to(input_ids.device, input_ids.dtype)
+            valid = bool(image[b].any()) and caption.numel() > 0
+            if not caption.numel():
+                caption = torch.full((1,), pad, dtype=input_ids.dtype, device=input_ids.device)
+            prefix = input_ids[b][:0]
+            if valid:
+                keep = attention[b] & (torch.arange(len(attention[b]), device=attention.device) < int(image[b].nonzero()[0, 0]))
+                if retrieved is not None:
+                    keep &= ~retrieved[b].to(keep.device).bool()
                 prefix = input_ids[b][keep]
-            else:
-                prefix = input_ids[b][:0]
-                if not caption.numel():
-                    caption = torch.full((1,), pad, dtype=input_ids.dtype, device=input_ids.device)
-                    rows.append(caption)
-                    masks.append(torch.zeros(1, dtype=torch.bool, device=input_ids.device))
-                    continue
-            rows.append(torch.cat([prefix, caption.to(input_ids.dtype)]))
+            rows.append(torch.cat([prefix, caption]))
             masks.append(torch.cat([torch.zeros(len(prefix), dtype=torch.bool, device=input_ids.device),
-                                    torch.ones(len(caption), dtype=torch.bool, device=input_ids.device)]))
+                                    torch.full((len(caption),), valid, dtype=torch.bool, device=input_ids.device)]))
         ids = repad(rows, pad, "right")
         real = repad([torch.ones(len(r), dtype=torch.long, device=ids.device) for r in rows], 0, "right")
         return {"input_ids": ids, "attention_mask": real, "caption_mask": repad(masks, False, "right").bool()}
