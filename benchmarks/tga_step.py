@@ -75,9 +75,9 @@ def build(shape: dict[str, int], device: str, dtype: Any) -> tuple[Any, dict[str
 def make_step(model: Any, batch: dict[str, Any], extras: dict[str, Any], use_tga: bool, layers: str) -> Any:
     import torch
 
-    from lvlm_safety_plugins import Runtime, load_recipe
+    from lvlm_safety_plugins import EXTRAS_KEY, Runtime
 
-    runtime = Runtime(load_recipe({"plugins": ["tga"], "tga": {"layers": layers, "schedule": "constant"}}), model=model)
+    runtime = Runtime({"plugins": ["tga"], "tga": {"layers": layers, "schedule": "constant"}}, model=model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
 
@@ -85,14 +85,7 @@ def make_step(model: Any, batch: dict[str, Any], extras: dict[str, Any], use_tga
         model.train()
         opt.zero_grad(set_to_none=True)
         if use_tga:
-            ctx = runtime.new_step(0, 100)
-            ctx.scratch["extras"] = extras
-            runtime.hook.before_forward(model=model, batch=batch, ctx=ctx)
-            try:
-                out = model(**batch)
-                loss = out.loss + sum(runtime.loss_terms(model, batch, out, ctx).values())
-            finally:
-                runtime.hook.step_end(model=model, ctx=ctx)
+            loss = runtime.training_step(model, {**batch, EXTRAS_KEY: extras}, step=0, max_steps=100).loss
         else:
             loss = model(**batch).loss
         loss.backward()

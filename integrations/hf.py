@@ -16,17 +16,12 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator, Mapping, Sequence
 
-from ..recipe import Recipe, load_recipe
+from ..recipe import Recipe
 from ..runtime import Runtime
 
 
 def _runtime(model: Any, recipe: Recipe | Runtime | str | Mapping[str, Any], overrides: Sequence[str], processor: Any) -> Runtime:
-    if isinstance(recipe, Runtime):
-        if processor is not None and recipe.processor is None:
-            recipe.processor = processor
-        return recipe.bind(model)
-    loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
-    return Runtime(loaded, model=model, processor=processor)
+    return Runtime.coerce(recipe, overrides, model=model, processor=processor)
 
 
 @contextlib.contextmanager

@@ -34,9 +34,9 @@ from transformers import Trainer
 
 from ..compat import rng_state_loading, trainer_term_scale, trainer_tokenizer
 from ..recipe import Recipe
-from ..runtime import Runtime, StepContext
+from ..runtime import EXTRAS_KEY, Runtime
+from ..errors import ConfigError, DataError, DependencyError
 
-EXTRAS_KEY = "lvlm_safety"
 STATE_FILE = "lvlm_safety_state.json"
 
 
@@ -68,7 +68,7 @@ class LlavaSFTCollator:
 
     def __init__(self, processor: Any, *, padding_side: str = "right", max_length: int | None = None, add_eos: bool = True) -> None:
         if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+            raise ConfigError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.processor = processor
         self.padding_side = padding_side
         self.max_length = max_length
@@ -83,7 +83,7 @@ class LlavaSFTCollator:
                 with Image.open(image) as img:
                     return img.convert("RGB")
             except (OSError, ValueError) as exc:
-                raise ValueError(f"example {example.get('id', '?')}: cannot read image {image}: {exc}") from None
+                raise DataError(f"example {example.get('id', '?')}: cannot read image {image}: {exc}") from None
         return image
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
@@ -94,7 +94,7 @@ class LlavaSFTCollator:
         for ex in examples:
             for key in ("prompt", "response"):
                 if not isinstance(ex.get(key), str):
-                    raise ValueError(f"example {ex.get('id', '?')}: field {key!r} must be a string")
+                    raise DataError(f"example {ex.get('id', '?')}: field {key!r} must be a string")
             image = self._image(ex)
             text = ex["prompt"] + " " + ex["response"]
             if self.add_eos and tok.eos_token:
@@ -120,23 +120,9 @@ class LlavaSFTCollator:
         }
         if pixels:
             if len(pixels) != len(examples):
-                raise ValueError("a batch must have an image in every example or in none")
+                raise DataError("a batch must have an image in every example or in none")
             batch["pixel_values"] = torch.stack(pixels)
         return batch
-
-
-def _as_runtime(recipe: Recipe | Runtime | str | Mapping[str, Any], overrides: Sequence[str], **kwargs: Any) -> Runtime:
-    if isinstance(recipe, Runtime):
-        for key in ("processor", "tokenizer"):
-            if kwargs.get(key) is not None and getattr(recipe, key) is None:
-                setattr(recipe, key, kwargs[key])
-        if kwargs.get("tokenizer") is None and recipe.tokenizer is None and recipe.processor is not None:
-            recipe.tokenizer = getattr(recipe.processor, "tokenizer", None)
-        return recipe
-    from ..recipe import load_recipe
-
-    loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
-    return Runtime(loaded, **kwargs)
 
 
 class SafetyTrainerMixin:
@@ -158,10 +144,17 @@ class SafetyTrainerMixin:
         wrap_collator: bool = True,
         **kwargs: Any,
     ) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("accelerate") is None:
+            raise DependencyError(
+                f"{type(self).__name__} runs transformers' Trainer, which needs accelerate: "
+                "pip install 'accelerate>=0.26' (lvlm-safety-plugins depends on it; was it installed with --no-deps?)"
+            )
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         host_tok = trainer_tokenizer(self)
         tokenizer = getattr(processor, "tokenizer", None) or getattr(host_tok, "tokenizer", None) or host_tok
-        self.safety = _as_runtime(recipe, recipe_overrides, processor=processor, tokenizer=tokenizer)
+        self.safety = Runtime.coerce(recipe, recipe_overrides, processor=processor, tokenizer=tokenizer)
         self.safety.bind(self.model)  # type: ignore[attr-defined]
         # plugin fields (captions, retrieved text) must reach the collator
         self.args.remove_unused_columns = False  # type: ignore[attr-defined]
@@ -177,31 +170,21 @@ class SafetyTrainerMixin:
         return trainer_term_scale(self, num_items_in_batch)
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any) -> Any:
-        inputs = dict(inputs)
-        extras = inputs.pop(EXTRAS_KEY, {}) or {}
         unwrapped = self.accelerator.unwrap_model(model)  # type: ignore[attr-defined]
-        self.safety.bind(unwrapped)
         state = self.state  # type: ignore[attr-defined]
-        ctx: StepContext = self.safety.new_step(int(state.global_step), int(state.max_steps or 0), training=model.training)
-        ctx.scratch["extras"] = extras
-        try:
-            self.safety.hook.before_forward(model=unwrapped, batch=inputs, ctx=ctx)
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)  # type: ignore[misc]
-            scale = self._term_scale(kwargs.get("num_items_in_batch"))
-            # what a plugin needs to put a term on the host loss's scale, or cancel it
-            ctx.scratch["host_loss"] = loss
-            ctx.scratch["term_scale"] = scale
-            terms = self.safety.loss_terms(unwrapped, inputs, outputs, ctx)
-            if terms:
-                loss = loss + scale * sum(t.to(loss.device, loss.dtype) for t in terms.values())
-        finally:
-            for extra in self.safety.hook.step_end(model=unwrapped, ctx=ctx):
-                ctx.metrics.update(extra or {})
+
+        def host_forward(batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+            return super(SafetyTrainerMixin, self).compute_loss(model, batch, return_outputs=True, **kwargs)  # type: ignore[misc]
+
+        result = self.safety.training_step(
+            unwrapped, inputs, step=int(state.global_step), max_steps=int(state.max_steps or 0),
+            forward=host_forward, term_scale=self._term_scale(kwargs.get("num_items_in_batch")),
+        )
         if model.training:
-            for name, value in {**{k: float(v.detach()) for k, v in terms.items()}, **ctx.metrics}.items():
+            for name, value in result.metrics.items():
                 self._lvlm_sums[name] = self._lvlm_sums.get(name, 0.0) + float(value)
                 self._lvlm_counts[name] = self._lvlm_counts.get(name, 0) + 1
-        return (loss, outputs) if return_outputs else loss
+        return (result.loss, result.outputs) if return_outputs else result.loss
 
     # -- logging ------------------------------------------------------------------
 
@@ -248,7 +231,7 @@ class SafetyTrainerMixin:
         try:
             state = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: cannot read the plugin state: {exc}") from None
+            raise DataError(f"{path}: cannot read the plugin state: {exc}") from None
         for name, method_state in (state.get("methods") or {}).items():
             method = self.safety.methods.get(name)
             if method is not None and hasattr(method, "load_state_dict"):

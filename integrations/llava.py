@@ -53,7 +53,8 @@ import torch
 from ..fileio import atomic_output_path, atomic_write_text
 from ..recipe import Recipe, load_recipe
 from ..runtime import Runtime
-from .hf_training import EXTRAS_KEY, SafetyTrainerMixin
+from ..runtime import EXTRAS_KEY
+from .hf_training import SafetyTrainerMixin
 
 EXAMPLE_KEY = "lvlm_example"
 PLUGIN_STATE_FILE = "lvlm_safety_state.json"
@@ -121,7 +122,7 @@ def install(
 
     from ..methods.tga.method import INSERTED
 
-    runtime = Runtime(recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides))
+    runtime = Runtime(recipe, overrides=overrides)
     _runtime = runtime
 
     dataset_cls = T.LazySupervisedDataset
@@ -204,7 +205,7 @@ def apply_steering(model: Any, recipe: Recipe | str | Mapping[str, Any], overrid
     Use ``Runtime(...).steering(model)`` instead for a ``with`` block."""
     from types import SimpleNamespace
 
-    runtime = Runtime(recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides), model=model,
+    runtime = Runtime(recipe, overrides=overrides, model=model,
                       processor=SimpleNamespace(tokenizer=tokenizer, image_processor=image_processor), tokenizer=tokenizer)
     for result in runtime.hook.install_steering(model=model, runtime=runtime):
         _inference_handles.extend(result if isinstance(result, (list, tuple)) else [result])

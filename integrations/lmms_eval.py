@@ -36,14 +36,14 @@ try:
     from lmms_eval.api.instance import Instance
     from lmms_eval.api.model import lmms
 except ImportError as exc:  # pragma: no cover - exercised only without lmms-eval
-    raise ImportError(
+    raise DependencyError(
         "lvlm_safety_plugins.integrations.lmms_eval needs lmms-eval: pip install lmms-eval "
         "(see docs/evaluation.md for installing it beside a CPU build of torch)"
     ) from exc
 
 import torch
 
-from ..errors import LVLMSafetyError
+from ..errors import DependencyError, LVLMSafetyError
 from ..evaluation.examples import Example
 from ..evaluation.generate import GenerationSettings, HFGenerator, build_prompt, image_token
 from ..loading import load_model_and_processor

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .adapters import get_adapter
 from .capture import HiddenCapture
 from .fileio import atomic_write_text, save_figure
+from .errors import DataError
 
 DEFAULT_REFUSAL_WORDS = ("sorry", "Sorry", "cannot", "unable", "apologize", "I'm", "not", "can't")
 
@@ -160,12 +161,12 @@ def analyze(
 ) -> SafetyAnalysis:
     """Run both measurements and locate the safety layers."""
     if not harmful_prompts:
-        raise ValueError("analyze needs at least one harmful text prompt")
+        raise DataError("analyze needs at least one harmful text prompt")
     tok = getattr(processor, "tokenizer", processor)
     ids = refusal_token_ids(tok, refusal_words)
     notes = []
     if not ids:
-        raise ValueError(f"none of the refusal words {list(refusal_words)} is a known token of this tokenizer")
+        raise DataError(f"none of the refusal words {list(refusal_words)} is a known token of this tokenizer")
     was_training = model.training
     model.eval()
     try:

@@ -26,7 +26,7 @@ from .adapters.base import layer_hidden
 from .errors import CaptureError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .adapters.base import ModelAdapter
+    from .adapters.base import ModelAdapter, SequenceLayout
 
 POOLINGS = ("mean", "last")
 
@@ -212,4 +212,156 @@ class HiddenCapture:
         return torch.stack([got[layer] for layer in self.layers])
 
 
-__all__ = ["HiddenCapture", "POOLINGS", "pool", "run_to_layer", "truncated_decoder"]
+class ForwardCapture:
+    """What a loss plugin reads from the host's training forward: the public capture API.
+
+    Built by :meth:`StepContext.capture <lvlm_safety_plugins.runtime.StepContext.capture>`
+    in ``before_forward`` and read in ``loss_terms`` (TGA reads its states this way):
+
+    - :attr:`projector_output`: the vision-to-language projector's output as the host
+      produced it (for LLaVA and HF Llava ``[num_images, image_tokens, hidden]``), with
+      its gradient;
+    - :attr:`input_embeddings`: the decoder's input sequence ``[batch, length, hidden]``
+      (text embeddings with the image features spliced in: the LM's view of the
+      projector output); :meth:`image_embeddings` picks one row's image tokens;
+    - :attr:`image_mask`: bool ``[batch, length]``, the image-feature positions in the
+      decoder's sequence (:attr:`layout` has the padding and token mapping too);
+    - :meth:`states`: hidden states ``[batch, length, hidden]`` at a captured layer
+      (layer ``l`` is the output of decoder layer ``l``, ``hidden_states[l + 1]``);
+    - :meth:`pooled` / :meth:`stacked`: those states pooled (``mean`` or ``last``) over
+      a mask: ``"image"`` always, plus the masks given to ``ctx.capture``.
+
+    Only forwards over the batch's own sequence are recorded. Reading any value ends
+    the recording (the hooks are removed and what was recorded is kept), so later
+    forwards in the same step (another plugin's ablated passes) do not overwrite it;
+    the runtime removes the hooks after ``loss_terms`` in any case. States keep their
+    gradient unless ``detach=True``.
+    """
+
+    def __init__(
+        self,
+        adapter: "ModelAdapter",
+        layout: "SequenceLayout",
+        layers: Iterable[int] = (),
+        *,
+        masks: Mapping[str, torch.Tensor] | None = None,
+        pooling: str = "mean",
+        projector: bool = False,
+        embeddings: bool = False,
+        detach: bool = False,
+    ) -> None:
+        if pooling not in POOLINGS:
+            raise CaptureError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLINGS)}")
+        layers = list(layers)
+        try:
+            self.layers: list[int] = adapter.resolve_layers(layers) if layers else []
+        except IndexError as exc:
+            raise CaptureError(str(exc)) from None
+        self.adapter = adapter
+        self.layout = layout
+        self.pooling = pooling
+        self.detach = detach
+        self.masks: dict[str, torch.Tensor] = {"image": layout.image_mask}
+        for name, mask in (masks or {}).items():
+            if name == "image":
+                raise CaptureError("the mask name 'image' is taken by the image-token mask; choose another name")
+            if tuple(mask.shape) != tuple(layout.image_mask.shape):
+                raise CaptureError(f"mask {name!r} has shape {tuple(mask.shape)}, the decoder's sequence is "
+                                   f"{tuple(layout.image_mask.shape)} (batch, length); pass input_ids masks as token_masks")
+            self.masks[name] = mask.to(layout.image_mask.device).bool()
+        self._want_projector = projector
+        self._want_embeddings = embeddings
+        self._states: dict[int, torch.Tensor] = {}
+        self._projector: torch.Tensor | None = None
+        self._embeddings: torch.Tensor | None = None
+        self._handles: list[Any] = []
+
+    @property
+    def image_mask(self) -> torch.Tensor:
+        return self.layout.image_mask
+
+    def _fits(self, hidden: torch.Tensor) -> bool:
+        return tuple(hidden.shape[:2]) == tuple(self.layout.image_mask.shape)
+
+    def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach() if self.detach else tensor
+
+    def start(self) -> "ForwardCapture":
+        """Install the hooks (``ctx.capture`` does this); returns ``self``."""
+        try:
+            layers = self.adapter.decoder_layers
+            for idx in self.layers:
+                def hook(module: torch.nn.Module, args: Any, output: Any, idx: int = idx) -> None:
+                    hidden = layer_hidden(output)
+                    if self._fits(hidden):
+                        self._states[idx] = self._keep(hidden)
+
+                self._handles.append(layers[idx].register_forward_hook(hook))
+            if self._want_embeddings:
+                def pre_hook(module: torch.nn.Module, args: Any, kwargs: Any) -> None:
+                    hidden = args[0] if args else kwargs.get("hidden_states")
+                    if isinstance(hidden, torch.Tensor) and self._fits(hidden):
+                        self._embeddings = self._keep(hidden)
+
+                self._handles.append(layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True))
+            if self._want_projector:
+                def projector_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+                    if self._projector is None and isinstance(output, torch.Tensor):
+                        self._projector = self._keep(output)
+
+                self._handles.append(self.adapter.projector.register_forward_hook(projector_hook))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Remove the hooks (what was recorded stays readable)."""
+        while self._handles:
+            self._handles.pop().remove()
+
+    # -- reading -------------------------------------------------------------------
+
+    @property
+    def projector_output(self) -> torch.Tensor:
+        self.stop()
+        if not self._want_projector:
+            raise CaptureError("the projector output was not asked for: use ctx.capture(..., projector=True)")
+        if self._projector is None:
+            raise CaptureError("the projector did not run in the captured forward (a batch without images?)")
+        return self._projector
+
+    @property
+    def input_embeddings(self) -> torch.Tensor:
+        self.stop()
+        if not self._want_embeddings:
+            raise CaptureError("the decoder's input was not asked for: use ctx.capture(..., embeddings=True)")
+        if self._embeddings is None:
+            raise CaptureError("no forward over this batch's sequence ran after ctx.capture()")
+        return self._embeddings
+
+    def image_embeddings(self, row: int) -> torch.Tensor:
+        """``[image_tokens, hidden]``: row ``row``'s image features as the decoder receives them."""
+        return self.input_embeddings[row][self.image_mask[row].to(self.input_embeddings.device)]
+
+    def states(self, layer: int) -> torch.Tensor:
+        """``[batch, length, hidden]`` at captured layer ``layer``."""
+        self.stop()
+        if layer not in self.layers:
+            raise CaptureError(f"layer {layer} was not captured; captured layers: {self.layers}")
+        if layer not in self._states:
+            raise CaptureError(f"no states at layer {layer}: no forward over this batch's sequence ran after ctx.capture()")
+        return self._states[layer]
+
+    def pooled(self, name: str, layer: int) -> torch.Tensor:
+        """``[batch, hidden]``: the states at ``layer`` pooled over mask ``name``."""
+        if name not in self.masks:
+            raise CaptureError(f"no mask {name!r}; masks: {', '.join(self.masks)}")
+        return pool(self.states(layer), self.masks[name], self.pooling)
+
+    def stacked(self, name: str) -> torch.Tensor:
+        """``[num_layers, batch, hidden]``: :meth:`pooled` at every captured layer, in order."""
+        return torch.stack([self.pooled(name, layer) for layer in self.layers])
+
+
+__all__ = ["ForwardCapture", "HiddenCapture", "POOLINGS", "pool", "run_to_layer", "truncated_decoder"]

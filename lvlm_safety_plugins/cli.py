@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from . import __version__
+from .version import __version__
 from .errors import LVLMSafetyError
 
 
@@ -83,20 +83,15 @@ def cmd_recipes_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lvlm-safety",
-        description="Safety plugins for vision-language models: TGA, CMRM, comparative loss.",
-    )
-    parser.add_argument("--version", action="version", version=f"lvlm-safety-plugins {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def add_plugins_command(sub: Any) -> None:
     plugins = sub.add_parser("plugins", help="installed plugins")
     psub = plugins.add_subparsers(dest="plugins_command", metavar="SUBCOMMAND")
     p = psub.add_parser("list", help="list plugins (name, package, version, hooks) and methods")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_plugins_list)
 
+
+def add_recipes_command(sub: Any) -> None:
     recipes = sub.add_parser("recipes", help="recipes: list, show, validate")
     rsub = recipes.add_subparsers(dest="recipes_command", metavar="SUBCOMMAND")
     r = rsub.add_parser("list", help="list recipes reachable by name")
@@ -112,58 +107,53 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="key=value overrides")
     r.set_defaults(func=cmd_recipes_validate)
 
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
+
+def build_parser(pm: Any = None) -> argparse.ArgumentParser:
+    """The ``lvlm-safety`` parser: one subcommand per ``register_commands``
+    registration (the built-in commands come from the same hook, in
+    ``lvlm_safety_plugins.commands_builtin``)."""
+    from .errors import PluginError
+    from .registry import commands
+
+    parser = argparse.ArgumentParser(
+        prog="lvlm-safety",
+        description="Safety plugins for vision-language models: TGA, CMRM, comparative loss.",
+    )
+    parser.add_argument("--version", action="version", version=f"lvlm-safety-plugins {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, add_command in sorted(commands(pm).items()):
+        before = set(sub.choices)
+        try:
+            add_command(sub)
+        except (argparse.ArgumentError, ValueError) as exc:
+            raise PluginError(name, "register_commands", exc) from exc
+        if name not in sub.choices:
+            added = sorted(set(sub.choices) - before)
+            raise PluginError(name, "register_commands", LookupError(
+                f"add_command for {name!r} must add the subcommand {name!r}; it added {added or 'nothing'}"))
     return parser
 
 
-#: functions that add further subcommands (kept apart so each command lives with its code)
-def _analyze(sub: Any) -> None:
-    from .analysis_cli import add_analyze_command
-
-    add_analyze_command(sub)
-
-
-def _demo(sub: Any) -> None:
-    from .demo.cli import add_demo_command
-
-    add_demo_command(sub)
-
-
-def _calibrate(sub: Any) -> None:
-    from .methods.cmrm.cli import add_calibrate_command
-
-    add_calibrate_command(sub)
-
-
-def _eval(sub: Any) -> None:
-    from .evaluation.cli import add_eval_command
-
-    add_eval_command(sub)
-
-
-def _index(sub: Any) -> None:
-    from .retrieval.cli import add_index_command
-
-    add_index_command(sub)
-
-
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = [_demo, _calibrate, _analyze, _index, _eval]
+def _one_line(exc: BaseException) -> str:
+    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except LVLMSafetyError as exc:  # a plugin that cannot be loaded or adds a bad command
+        print(f"lvlm-safety: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:
         # a group without its subcommand: show that group's help
-        target = {"plugins": "plugins", "recipes": "recipes", "index": "index"}.get(args.command or "")
-        parser.parse_args([target, "--help"] if target else ["--help"])
+        parser.parse_args([args.command, "--help"] if args.command else ["--help"])
         return 2
     try:
         return int(func(args) or 0)
     except LVLMSafetyError as exc:
-        print(f"lvlm-safety: error: {exc}", file=sys.stderr)
+        print(f"lvlm-safety: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # pragma: no cover - interactive
         print("lvlm-safety: interrupted", file=sys.stderr)

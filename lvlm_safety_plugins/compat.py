@@ -53,6 +53,7 @@ import inspect
 from typing import Any, Iterator, Mapping
 
 import torch
+from .errors import UnsupportedModelError
 
 #: the transformers versions the test suite passes on (pyproject's requirement): the
 #: floor is what LLaVA-1.5 users run, the ceiling the next minor after the newest
@@ -194,7 +195,7 @@ def layer_hidden(output: Any) -> torch.Tensor:
     hidden = getattr(output, "hidden_states", None)
     if isinstance(hidden, torch.Tensor):
         return hidden
-    raise TypeError(f"cannot find the hidden states in a decoder layer output of type {type(output).__name__}")
+    raise UnsupportedModelError(f"cannot find the hidden states in a decoder layer output of type {type(output).__name__}")
 
 
 def replace_layer_hidden(output: Any, hidden: torch.Tensor) -> Any:
@@ -206,7 +207,27 @@ def replace_layer_hidden(output: Any, hidden: torch.Tensor) -> Any:
         return (hidden, *output[1:])
     if isinstance(output, list):
         return [hidden, *output[1:]]
-    raise TypeError(f"cannot replace the hidden states in a decoder layer output of type {type(output).__name__}")
+    raise UnsupportedModelError(f"cannot replace the hidden states in a decoder layer output of type {type(output).__name__}")
+
+
+def clip_image_processor_class() -> Any:
+    """The CLIP image processor class to build without a warning: transformers 5.x
+    falls back from ``CLIPImageProcessor`` (torchvision backend) to
+    ``CLIPImageProcessorPil`` with a warning on every construction when torchvision is
+    missing or unusable, so the PIL class is taken directly then."""
+    import importlib.util
+
+    import transformers
+
+    pil = getattr(transformers, "CLIPImageProcessorPil", None)
+    if pil is not None and importlib.util.find_spec("torchvision") is None:
+        return pil
+    if pil is not None:
+        try:
+            import torchvision  # noqa: F401
+        except Exception:  # noqa: BLE001 - a torchvision that does not load beside this torch
+            return pil
+    return transformers.CLIPImageProcessor
 
 
 # -- models ----------------------------------------------------------------------------------

@@ -1,7 +1,17 @@
 """Exception types. Every error the library raises on bad input derives from
-:class:`LVLMSafetyError` and names the file, key, row or layer it is about."""
+:class:`LVLMSafetyError` and names the file, key, row or layer it is about.
+
+Each named error also derives from the built-in exception it replaces
+(``ValueError``, ``IndexError``, ``ImportError``, ...), so ``except ValueError`` in
+code written against earlier versions keeps working. The command line prints any
+:class:`LVLMSafetyError` as one line (``lvlm-safety: error: ...``) and exits with 2.
+
+This module imports nothing (not even torch): plugins may import it freely.
+"""
 
 from __future__ import annotations
+
+from typing import Iterable
 
 
 class LVLMSafetyError(Exception):
@@ -24,6 +34,24 @@ class PluginError(LVLMSafetyError):
         )
 
 
+class UnknownHookError(PluginError):
+    """A plugin implements a hook that does not exist (usually a misspelt name).
+
+    ``name`` is the unknown hook, ``valid`` the hooks that exist and ``suggestion`` the
+    closest valid name (or ``None``).
+    """
+
+    def __init__(self, plugin: str, name: str, valid: Iterable[str], suggestion: str | None = None) -> None:
+        self.name = name
+        self.valid = tuple(sorted(valid))
+        self.suggestion = suggestion
+        hint = f"; did you mean {suggestion!r}?" if suggestion else ""
+        error = LookupError(f"unknown hook {name!r}{hint} Valid hooks: {', '.join(self.valid)}")
+        LVLMSafetyError.__init__(self, f"plugin {plugin!r} implements unknown hook {name!r}{hint} "
+                                       f"Valid hooks: {', '.join(self.valid)}")
+        self.plugin, self.hook, self.error = plugin, name, error
+
+
 class RecipeError(LVLMSafetyError):
     """A recipe could not be found, parsed, composed or validated.
 
@@ -42,24 +70,12 @@ class RecipeError(LVLMSafetyError):
         super().__init__(f"{prefix}: {message}" if prefix else message)
 
 
-class UnsupportedModelError(LVLMSafetyError):
-    """No registered model adapter recognises the model."""
+class ConfigError(LVLMSafetyError, ValueError):
+    """An argument or option has a value the library cannot use (the message names the
+    option and lists the valid values)."""
 
 
-class CaptureError(LVLMSafetyError):
-    """Hidden-state capture was misused (bad layer, mask of the wrong shape, ...)."""
-
-
-class GradientError(LVLMSafetyError):
-    """A loss term would train nothing: the states it reads carry no gradient (for
-    example captured inside a reentrant gradient checkpoint that cannot be switched)."""
-
-
-class VectorFileError(LVLMSafetyError):
-    """A steering-vector file is missing, corrupt, or does not fit the model."""
-
-
-class ConfigValueError(ValueError):
+class ConfigValueError(ConfigError):
     """Raised by a method config's ``check(cfg)`` for a value OmegaConf's typing cannot
     rule out; ``key`` is the field inside the method's section. The recipe loader turns
     it into a :class:`RecipeError` naming the file and the dotted key."""
@@ -67,3 +83,66 @@ class ConfigValueError(ValueError):
     def __init__(self, key: str, message: str) -> None:
         self.key = key
         super().__init__(message)
+
+
+class LayerError(LVLMSafetyError, ValueError, IndexError):
+    """A layer selection cannot be parsed, or names a decoder layer the model does not
+    have (the message names the layer and the model's range)."""
+
+
+class DataError(LVLMSafetyError, ValueError):
+    """An example, batch, row or data file cannot be used (the message names the file,
+    the row or the example id and the field)."""
+
+
+class StepError(LVLMSafetyError, RuntimeError):
+    """The training step or a runtime was used in a way that cannot work (no model
+    bound, no host loss, two plugins returning the same loss term)."""
+
+
+class DependencyError(LVLMSafetyError, ImportError):
+    """An optional dependency is missing; the message names the package and the
+    ``pip install`` command (the extra) that installs it."""
+
+
+class UnsupportedModelError(LVLMSafetyError, TypeError):
+    """No registered model adapter recognises the model, or the model lacks a part a
+    method needs (a projector, an image input, decoder layers of a known form)."""
+
+
+class CaptureError(LVLMSafetyError):
+    """Hidden-state capture was misused (bad layer, mask of the wrong shape, a value
+    read that was not captured, ...)."""
+
+
+class GradientError(LVLMSafetyError):
+    """A loss term would train nothing: the states it reads carry no gradient (for
+    example captured inside a reentrant gradient checkpoint that cannot be switched)."""
+
+
+class SteeringError(LVLMSafetyError, ValueError):
+    """Steering was asked for something it cannot do (unknown positions, a scale that
+    does not fit the layers, an edit that is not callable)."""
+
+
+class VectorFileError(LVLMSafetyError):
+    """A steering-vector file is missing, corrupt, or does not fit the model."""
+
+
+__all__ = [
+    "CaptureError",
+    "ConfigError",
+    "ConfigValueError",
+    "DataError",
+    "DependencyError",
+    "GradientError",
+    "LVLMSafetyError",
+    "LayerError",
+    "PluginError",
+    "RecipeError",
+    "StepError",
+    "SteeringError",
+    "UnknownHookError",
+    "UnsupportedModelError",
+    "VectorFileError",
+]

@@ -124,6 +124,25 @@ def register_recipe_dirs(register: Callable[..., None]) -> None:
     """
 
 
+@hookspec
+def register_commands(register: Callable[..., None]) -> None:
+    """Add subcommands to the ``lvlm-safety`` command line, the way the built-in ones
+    (``demo``, ``calibrate``, ``eval``, ...) are added.
+
+    Called by: :func:`lvlm_safety_plugins.cli.build_parser`, once per command line.
+
+    Call ``register(name, add_command)`` once per command. ``add_command(subparsers)``
+    receives argparse's subparsers object; it adds the command's parser with
+    ``subparsers.add_parser(name, help=...)`` and sets the function that runs it with
+    ``parser.set_defaults(func=run)``, where ``run(args) -> int`` returns the exit
+    code. A :class:`lvlm_safety_plugins.errors.LVLMSafetyError` raised by ``run`` is
+    printed as one line and exits with code 2. Two plugins registering the same name is
+    an error naming both.
+
+    Returns: nothing.
+    """
+
+
 # ---------------------------------------------------------------------------
 # Lifecycle hooks: training
 # ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ Environment controls (read when the manager is created):
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
 import importlib.metadata as md
@@ -27,8 +28,9 @@ from typing import Any, Iterable
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError
+from .errors import PluginError, UnknownHookError
 from .markers import ENTRY_POINT_GROUP, PROJECT_NAME
+from .version import __version__
 
 ENV_ALLOW_LIST = "LVLM_SAFETY_PLUGINS"
 ENV_DISABLE_AUTOLOAD = "LVLM_SAFETY_DISABLE_PLUGIN_AUTOLOAD"
@@ -40,6 +42,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "lvlm_safety_plugins.recipes_builtin",
     "lvlm_safety_plugins.retrieval.builtin",
     "lvlm_safety_plugins.evaluation.builtin",
+    "lvlm_safety_plugins.commands_builtin",
 )
 
 
@@ -81,11 +84,47 @@ class SafetyPluginManager(pluggy.PluginManager):
         self.add_hookspecs(hookspecs)
         self._dist: dict[str, tuple[str, str]] = {}
         self._builtin: set[str] = set()
+        self._registries: dict[str, Any] = {}
+        self._registries_lock = threading.RLock()
+
+    def registry(self, kind: str, build: Any) -> Any:
+        """The registry ``kind`` (methods, adapters, recipe folders, ...), built once by
+        ``build()`` and kept until a plugin is registered or unregistered."""
+        with self._registries_lock:
+            if kind not in self._registries:
+                self._registries[kind] = build()
+            return self._registries[kind]
+
+    def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
+        self._registries.clear()
+        return super().unregister(plugin, name)
+
+    def check_pending(self) -> None:
+        """Like pluggy's, but an implementation of a hook that does not exist (a
+        misspelt name) raises :class:`UnknownHookError` naming the plugin, the hook, the
+        closest valid hook and every valid one."""
+        for name in self.hook.__dict__:
+            if name.startswith("_"):
+                continue
+            caller = getattr(self.hook, name)
+            if caller.spec is not None:
+                continue
+            for impl in caller.get_hookimpls():
+                if impl.optionalhook:
+                    continue
+                valid = sorted(n for n in self.hook.__dict__ if not n.startswith("_") and getattr(self.hook, n).spec is not None)
+                close = difflib.get_close_matches(name, valid, n=1)
+                raise UnknownHookError(impl.plugin_name, name, valid, close[0] if close else None)
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
-        registered = super().register(plugin, name)
+        try:
+            registered = super().register(plugin, name)
+        except pluggy.PluginValidationError as exc:
+            plugin_name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
+            raise PluginError(plugin_name, "<register>", exc) from exc
         if registered is None:
             return None
+        self._registries.clear()
         for caller in self.get_hookcallers(plugin) or ():
             for impl in caller.get_hookimpls():
                 if impl.plugin is not plugin or impl.hookwrapper or impl.wrapper:
@@ -130,8 +169,6 @@ class SafetyPluginManager(pluggy.PluginManager):
     # -- introspection ------------------------------------------------------------
 
     def plugin_infos(self) -> list[PluginInfo]:
-        from . import __version__
-
         infos = []
         for name, plugin in self.list_name_plugin():
             hooks = tuple(sorted(c.name for c in (self.get_hookcallers(plugin) or ())))
@@ -165,10 +202,7 @@ def create_plugin_manager(*, autoload: bool | None = None, allow: Iterable[str] 
         allow = os.environ[ENV_ALLOW_LIST].split(",")
     if autoload:
         pm.load_entrypoint_plugins(allow)
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise PluginError(exc.plugin and pm.get_name(exc.plugin) or "?", "<check_pending>", exc) from exc
+    pm.check_pending()
     return pm
 
 

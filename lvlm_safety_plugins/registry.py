@@ -1,6 +1,8 @@
 """Registries filled by the registration hooks: methods, adapters, judges, benchmarks,
-recipe folders. Each function calls its hook on the given (default: process-wide)
-plugin manager and returns what was registered."""
+embedders, recipe folders, commands. Each function calls its hook on the given
+(default: process-wide) plugin manager the first time it is asked and returns what was
+registered; the result is kept on that plugin manager until a plugin is registered or
+unregistered there (so a lookup never re-runs the hooks)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,10 @@ from .plugins import SafetyPluginManager, get_plugin_manager
 if TYPE_CHECKING:  # pragma: no cover
     from .adapters.base import ModelAdapter
     from .methods.base import Method
+
+#: what an adapter class must answer (checked without importing the adapters package,
+#: which itself reads this registry)
+ADAPTER_INTERFACE = ("matches", "layout", "decoder_layers", "family", "model_classes")
 
 
 def _pm(pm: SafetyPluginManager | None) -> SafetyPluginManager:
@@ -41,6 +47,11 @@ def _named_registry(hook: Callable[..., Any], kind: str) -> dict[str, Any]:
 
 def methods(pm: SafetyPluginManager | None = None) -> dict[str, type["Method"]]:
     """Every registered method class by name (the recipe section it reads)."""
+    manager = _pm(pm)
+    return dict(manager.registry("methods", lambda: _collect_methods(manager)))
+
+
+def _collect_methods(pm: SafetyPluginManager) -> dict[str, type["Method"]]:
     from .methods.base import Method
 
     found: dict[str, type[Method]] = {}
@@ -56,45 +67,65 @@ def methods(pm: SafetyPluginManager | None = None) -> dict[str, type["Method"]]:
             )
         found[name] = method_class
 
-    _pm(pm).hook.register_methods(register=register)
+    pm.hook.register_methods(register=register)
     return found
 
 
 def adapters(pm: SafetyPluginManager | None = None) -> list[type["ModelAdapter"]]:
     """Every registered adapter class, the one to try first first."""
-    from .adapters.base import ModelAdapter
+    manager = _pm(pm)
+    return list(manager.registry("adapters", lambda: _collect_adapters(manager)))
 
+
+def _collect_adapters(pm: SafetyPluginManager) -> list[type["ModelAdapter"]]:
     found: list[type[ModelAdapter]] = []
 
     def register(adapter_class: type[ModelAdapter]) -> None:
-        if not (isinstance(adapter_class, type) and issubclass(adapter_class, ModelAdapter)):
-            raise LVLMSafetyError(f"register_adapters: {adapter_class!r} is not a subclass of ModelAdapter")
+        missing = [a for a in ADAPTER_INTERFACE if not hasattr(adapter_class, a)] if isinstance(adapter_class, type) else ["a class"]
+        if missing:
+            raise LVLMSafetyError(
+                f"register_adapters: {adapter_class!r} is not a subclass of ModelAdapter (lacks {', '.join(missing)})"
+            )
         if adapter_class not in found:
             found.append(adapter_class)
 
     # pluggy calls the most recently registered plugin first, so third-party adapters
     # come before the built-ins; inside one plugin, registration order is kept.
-    _pm(pm).hook.register_adapters(register=register)
+    pm.hook.register_adapters(register=register)
     return found
 
 
 def judges(pm: SafetyPluginManager | None = None) -> dict[str, Callable[..., Any]]:
     """Every registered judge factory by name."""
-    return _named_registry(_pm(pm).hook.register_judges, "judge")
+    manager = _pm(pm)
+    return dict(manager.registry("judges", lambda: _named_registry(manager.hook.register_judges, "judge")))
 
 
 def embedders(pm: SafetyPluginManager | None = None) -> dict[str, Callable[..., Any]]:
     """Every registered embedder factory by spec prefix (``clip``, ``st``, ...)."""
-    return _named_registry(_pm(pm).hook.register_embedders, "embedder")
+    manager = _pm(pm)
+    return dict(manager.registry("embedders", lambda: _named_registry(manager.hook.register_embedders, "embedder")))
 
 
 def benchmarks(pm: SafetyPluginManager | None = None) -> dict[str, Callable[..., Any]]:
     """Every registered benchmark loader by name."""
-    return _named_registry(_pm(pm).hook.register_benchmarks, "benchmark")
+    manager = _pm(pm)
+    return dict(manager.registry("benchmarks", lambda: _named_registry(manager.hook.register_benchmarks, "benchmark")))
 
 
 def recipe_dirs(pm: SafetyPluginManager | None = None) -> list[Any]:
     """Every registered recipe folder, lowest priority first."""
+    manager = _pm(pm)
+    return list(manager.registry("recipe_dirs", lambda: _collect_recipe_dirs(manager)))
+
+
+def commands(pm: SafetyPluginManager | None = None) -> dict[str, Callable[[Any], None]]:
+    """Every registered ``lvlm-safety`` subcommand: name -> ``add_command(subparsers)``."""
+    manager = _pm(pm)
+    return dict(manager.registry("commands", lambda: _named_registry(manager.hook.register_commands, "command")))
+
+
+def _collect_recipe_dirs(pm: SafetyPluginManager) -> list[Any]:
     found: list[Any] = []
 
     def register(path: Any) -> None:
@@ -104,6 +135,9 @@ def recipe_dirs(pm: SafetyPluginManager | None = None) -> list[Any]:
             raise LVLMSafetyError(f"register_recipe_dirs: {path} is not a folder")
         found.append(path)
 
-    _pm(pm).hook.register_recipe_dirs(register=register)
+    pm.hook.register_recipe_dirs(register=register)
     # pluggy calls later-registered plugins first; reverse so they win on a clash.
     return list(reversed(found))
+
+
+__all__ = ["ADAPTER_INTERFACE", "adapters", "benchmarks", "commands", "embedders", "judges", "methods", "recipe_dirs"]

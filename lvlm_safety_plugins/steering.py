@@ -57,7 +57,8 @@ import torch
 from . import compat
 from .adapters import get_adapter
 from .adapters.base import ModelAdapter, SequenceLayout
-from .errors import LVLMSafetyError
+from .errors import LVLMSafetyError, SteeringError
+from .serving import ServingSteeringHandle, is_serving_model
 
 #: the position kinds a steering handle can act on
 POSITION_KINDS = ("image", "text", "generated")
@@ -107,9 +108,9 @@ def resolve_positions(positions: Positions) -> frozenset[str]:
             out.add(name)
         else:
             valid = ", ".join((*POSITION_KINDS, *POSITION_FILTERS, *POSITION_ALIASES))
-            raise ValueError(f"unknown steering position {name!r}; valid: {valid}")
+            raise SteeringError(f"unknown steering position {name!r}; valid: {valid}")
     if not out - set(POSITION_FILTERS):
-        raise ValueError(f"no steering positions given (a filter such as 'after_image' needs kinds to narrow: {', '.join(POSITION_KINDS)})")
+        raise SteeringError(f"no steering positions given (a filter such as 'after_image' needs kinds to narrow: {', '.join(POSITION_KINDS)})")
     return frozenset(out)
 
 
@@ -309,9 +310,9 @@ class SteeringHandle:
         name: str = "steering",
     ) -> None:
         if scope not in ("context", "global"):
-            raise ValueError(f"scope must be 'context' or 'global', got {scope!r}")
+            raise SteeringError(f"scope must be 'context' or 'global', got {scope!r}")
         if not callable(edit):
-            raise TypeError(f"edit must be callable (layer, hidden, step) -> delta, got {type(edit).__name__}")
+            raise SteeringError(f"edit must be callable (layer, hidden, step) -> delta, got {type(edit).__name__}")
         self.model = model
         self.adapter = adapter if adapter is not None else get_adapter(model)
         self.layers = self.adapter.resolve_layers(layers)
@@ -526,12 +527,30 @@ class SteeringHandle:
                 f"scope={self.scope} {state}>")
 
 
-#: ``apply(model, edit, *, layers=None, positions="all", prepare=None, scope="context",
-#: adapter=None, name="steering")``: steer ``model``: at each of ``layers`` (``None``:
-#: all; negative ids count from the end) add ``edit(layer, hidden, step)`` to the hidden
-#: states at ``positions``; ``prepare(step)`` runs once per prompt forward; ``name``
-#: appears in errors. Returns the :class:`SteeringHandle`.
-apply = SteeringHandle
+def apply(
+    model: torch.nn.Module,
+    edit: Edit,
+    *,
+    layers: Sequence[int] | None = None,
+    positions: Positions = "all",
+    prepare: Prepare | None = None,
+    scope: str = "context",
+    adapter: ModelAdapter | None = None,
+    name: str = "steering",
+) -> "SteeringHandle | ServingSteeringHandle":
+    """Steer ``model``: at each of ``layers`` (``None``: all; negative ids count from the
+    end) add ``edit(layer, hidden, step)`` to the hidden states at ``positions``;
+    ``prepare(step)`` runs once per prompt forward; ``name`` appears in errors. Returns
+    the :class:`SteeringHandle`. A vLLM model gets the serving mode
+    (:class:`lvlm_safety_plugins.serving.ServingSteeringHandle`: positions ``"all"``
+    only, no ``prepare``; other modes raise ``ServingError`` saying why)."""
+    if is_serving_model(model):
+        if not callable(edit):
+            raise SteeringError(f"edit must be callable (layer, hidden, step) -> delta, got {type(edit).__name__}")
+        return ServingSteeringHandle(model, edit, layers=layers, positions=resolve_positions(positions), prepare=prepare,
+                                     adapter=adapter if adapter is not None else get_adapter(model), name=name)
+    return SteeringHandle(model, edit, layers=layers, positions=positions, prepare=prepare, scope=scope,
+                          adapter=adapter, name=name)
 
 
 @contextlib.contextmanager
@@ -552,7 +571,7 @@ def vector_edit(vectors: Mapping[int, torch.Tensor], scale: float | Mapping[int,
     scales = {l: float(scale) for l in table} if isinstance(scale, (int, float)) else {int(l): float(s) for l, s in scale.items()}
     missing = sorted(set(table) - set(scales))
     if missing:
-        raise ValueError(f"no scale for layers {missing}")
+        raise SteeringError(f"no scale for layers {missing}")
     cache: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
     def edit(layer: int, hidden: torch.Tensor, step: SteeringStep) -> torch.Tensor | None:
@@ -577,12 +596,14 @@ def add_vectors(
     scale: float | Sequence[float] | Mapping[int, float] = 1.0,
     positions: Positions = "all",
     scope: str = "context",
+    adapter: "ModelAdapter | None" = None,
     name: str = "steering",
 ) -> SteeringHandle:
     """Add ``scale * vectors[l]`` to the output of every layer ``l`` in ``vectors`` at
     ``positions`` (``scale=-alpha`` subtracts). ``scale`` is one float, one per layer in
-    sorted layer order, or a ``{layer: float}`` mapping."""
-    adapter = get_adapter(model)
+    sorted layer order, or a ``{layer: float}`` mapping. ``positions``, ``scope``,
+    ``adapter`` and ``name`` are :func:`apply`'s."""
+    adapter = adapter if adapter is not None else get_adapter(model)
     layers = adapter.resolve_layers(sorted(int(l) for l in vectors))
     table = {resolved: vectors[original] for resolved, original in zip(layers, sorted(vectors))}
     if isinstance(scale, (int, float)):
@@ -592,11 +613,11 @@ def add_vectors(
     else:
         values = [float(s) for s in scale]
         if len(values) != len(layers):
-            raise ValueError(f"scale has {len(values)} values for {len(layers)} steered layers")
+            raise SteeringError(f"scale has {len(values)} values for {len(layers)} steered layers")
         scales = dict(zip(layers, values))
     for layer, vector in table.items():
         if tuple(vector.shape) != (adapter.hidden_size,):
-            raise LVLMSafetyError(f"layer {layer}: expected a vector of size {adapter.hidden_size}, got shape {tuple(vector.shape)}")
+            raise SteeringError(f"layer {layer}: expected a vector of size {adapter.hidden_size}, got shape {tuple(vector.shape)}")
     return apply(model, vector_edit(table, scales), layers=layers, positions=positions, scope=scope, adapter=adapter, name=name)
 
 

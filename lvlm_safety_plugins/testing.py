@@ -6,7 +6,8 @@ are available in any project that installs lvlm-safety-plugins:
 
 ``tiny_llava``            a tiny HF ``LlavaForConditionalGeneration`` (eval mode, fp32)
 ``tiny_llava_processor``  a matching ``LlavaProcessor`` (word-level tokenizer)
-``tiny_llava_batch``      a left-padded batch of two prompts with one image each
+``tiny_llava_batch_fixture``     a left-padded batch of two prompts with one image each
+``tiny_llava_sft_batch_fixture`` a right-padded training batch with labels (loss plugins)
 
 Works with transformers 4.37.x and 5.x.
 """
@@ -115,9 +116,9 @@ def build_tiny_llava(seed: int = 0, **config_kwargs: Any) -> Any:
 
 
 def tiny_image_processor() -> Any:
-    from transformers import CLIPImageProcessor
+    from .compat import clip_image_processor_class
 
-    return CLIPImageProcessor(
+    return clip_image_processor_class()(
         size={"shortest_edge": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
     )
@@ -148,6 +149,22 @@ def make_image(seed: int, size: int = IMAGE_SIZE, color: tuple[int, int, int] | 
         return Image.new("RGB", (size, size), color)
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def tiny_sft_rows(n: int = 2, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` supervised rows ``{"id", "image", "prompt", "response"}`` for
+    :class:`~lvlm_safety_plugins.integrations.hf_training.LlavaSFTCollator`."""
+    words = ("dog", "cat", "flower", "cake")
+    return [{"id": i, "image": make_image(seed + i), "prompt": "USER: <image> describe this picture ASSISTANT:",
+             "response": f"a picture of a {words[(seed + i) % len(words)]}"} for i in range(n)]
+
+
+def tiny_llava_sft_batch(processor: Any, n: int = 2, seed: int = 0) -> dict[str, "torch.Tensor"]:
+    """A right-padded training batch with ``labels`` (the loss on the responses only),
+    as the HF training integration's collator builds it."""
+    from .integrations.hf_training import LlavaSFTCollator
+
+    return LlavaSFTCollator(processor)(tiny_sft_rows(n, seed))
 
 
 def tiny_llava_batch(processor: Any, prompts: Sequence[str] | None = None, seed: int = 0) -> dict[str, "torch.Tensor"]:
@@ -342,3 +359,31 @@ if pytest is not None:
     @pytest.fixture
     def tiny_llava_batch_fixture(tiny_llava_processor: Any) -> dict[str, Any]:
         return tiny_llava_batch(tiny_llava_processor)
+
+    @pytest.fixture
+    def tiny_llava_sft_batch_fixture(tiny_llava_processor: Any) -> dict[str, Any]:
+        return tiny_llava_sft_batch(tiny_llava_processor)
+
+
+__all__ = [
+    "IMAGE_SIZE",
+    "PATCH_SIZE",
+    "SPECIAL_TOKENS",
+    "TINY_WORDS",
+    "build_tiny_llava",
+    "build_tiny_llava_package_model",
+    "build_tiny_llava_processor",
+    "decoder_input",
+    "make_image",
+    "processor_expands_image_tokens",
+    "save_tiny_clip_model",
+    "save_tiny_clip_vision_tower",
+    "tiny_image_processor",
+    "tiny_llava_batch",
+    "tiny_llava_config",
+    "tiny_llava_sft_batch",
+    "tiny_sft_rows",
+    "tiny_tokenizer",
+    "train_tiny_sentencepiece",
+    "write_llava_training_assets",
+]

@@ -195,7 +195,7 @@ def test_text_only_causal_lm_adapter(tiny_llava):
     assert torch.equal(adapter.text_only_batch(batch)["input_ids"], ids)
     with pytest.raises(UnsupportedModelError, match="no projector"):
         adapter.projector
-    with pytest.raises(ValueError, match="text-only model"):
+    with pytest.raises(UnsupportedModelError, match="text-only model"):
         adapter.blank_image_batch(batch)
 
 

@@ -159,14 +159,9 @@ def test_cmpdrop_with_the_models_own_dropout_modules():
     model.train()
     recipe = load_recipe({"plugins": ["comparative"], "comparative": {"drop_site": "dropout", "dropout": None}})
     rt = Runtime(recipe, model=model)
-    ctx = rt.new_step(0, 1)
-    try:
-        rt.hook.before_forward(model=model, batch=batch, ctx=ctx)
-        outputs = model(**batch)
-        torch.testing.assert_close(outputs.loss, full)  # dropout off in the host forward
-        terms = rt.loss_terms(model, batch, outputs, ctx)
-    finally:
-        rt.hook.step_end(model=model, ctx=ctx)
+    result = rt.training_step(model, batch, step=0, max_steps=1)
+    torch.testing.assert_close(result.host_loss, full)  # dropout off in the host forward
+    terms, ctx = result.terms, result.context
     assert {n: m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)} == rates
     losses = [ctx.metrics[f"comparative/loss_{i}"] for i in range(3)]
     assert losses[0] == pytest.approx(full.item(), rel=1e-5) and len(set(losses)) == 3
@@ -266,75 +261,79 @@ def _step(recipe, data, model=None):
     processor = build_tiny_llava_processor()
     rt = Runtime(recipe, model=model, processor=processor)
     batch = SafetyCollator(LlavaSFTCollator(processor), rt)(data)
-    extras = batch.pop(EXTRAS_KEY, {})
-    ctx = rt.new_step(0, 1)
-    ctx.scratch["extras"] = extras
-    try:
-        rt.hook.before_forward(model=model, batch=batch, ctx=ctx)
-        outputs = model(**batch)
-        terms = rt.loss_terms(model, batch, outputs, ctx)
-    finally:
-        rt.hook.step_end(model=model, ctx=ctx)
-    return model, outputs, terms, ctx
+    result = rt.training_step(model, batch, step=0, max_steps=1)
+    return model, result.outputs, result.terms, result.context
 
 
-def _runtime_and_batch(overrides, data=None):
+def _inside_step(overrides, body, data=None):
+    """One training step through ``Runtime.training_step``; ``body(method, model, batch,
+    ctx)`` runs where the host forward runs (after ``before_forward``, before the
+    plugins' ``loss_terms``). Returns the model and the host batch."""
     model = build_tiny_llava(seed=0).train()
     processor = build_tiny_llava_processor()
     rt = Runtime(load_recipe("comparative", overrides), model=model, processor=processor)
     batch = SafetyCollator(LlavaSFTCollator(processor), rt)(rows(2, retrieved=False) if data is None else data)
-    ctx = rt.new_step(0, 1)
-    ctx.scratch["extras"] = batch.pop(EXTRAS_KEY, {})
-    rt.hook.before_forward(model=model, batch=batch, ctx=ctx)
-    return rt, model, batch, ctx
+    seen = {}
+
+    def forward(b):
+        seen["batch"] = b
+        body(rt.methods["comparative"], model, b, rt.current_step)
+        out = model(**b)
+        return out.loss, out
+
+    rt.training_step(model, batch, step=0, max_steps=1, forward=forward)
+    return model, seen["batch"]
 
 
 def test_cmpdrop_on_the_model_drops_nested_units_and_rescales():
-    rt, model, batch, ctx = _runtime_and_batch(["comparative.dropout=0.3"])
-    method = rt.methods["comparative"]
-    mlp = get_adapter(model).decoder_layers[1].mlp
-    # the drop hooks act on the MLP's output: call the MLP directly on a fixed input
-    x = torch.randn(2, 5, get_adapter(model).hidden_size)
-    with torch.no_grad():
-        plain = mlp(x)
-        got = []
-        for i in (1, 2):
-            with method._ablated(model, batch, i, ctx):
-                got.append(mlp(x))
+    got, fixed = [], {}
+
+    def body(method, model, batch, ctx):
+        mlp = get_adapter(model).decoder_layers[1].mlp
+        # the drop hooks act on the MLP's output: call the MLP directly on a fixed input
+        x = fixed["x"] = torch.randn(2, 5, get_adapter(model).hidden_size)
+        with torch.no_grad():
+            fixed["plain"] = mlp(x)
+            for i in (1, 2):
+                with method._ablated(model, batch, i, ctx):
+                    got.append(mlp(x))
+
+    model, _ = _inside_step(["comparative.dropout=0.3"], body)
+    plain = fixed["plain"]
     zero1, zero2 = got[0] == 0, got[1] == 0
     assert zero1.any() and bool((zero1 & ~zero2).sum() == 0)  # dropped by 1 => dropped by 2
     keep1 = ~zero1
     torch.testing.assert_close(got[0][keep1], plain[keep1] / 0.7)
     torch.testing.assert_close(got[1][~zero2], plain[~zero2] / 0.49)
     assert zero2.float().mean() > zero1.float().mean()
-    rt.hook.step_end(model=model, ctx=ctx)
     with torch.no_grad():
-        torch.testing.assert_close(mlp(x), plain)  # no hooks left
+        torch.testing.assert_close(get_adapter(model).decoder_layers[1].mlp(fixed["x"]), plain)  # no hooks left
 
 
 def test_cmpcrop_removes_nested_context_and_image_tokens():
-    rt, model, batch, ctx = _runtime_and_batch(["comparative.ablation=crop", "comparative.crop_parts=[context,image]",
-                                                "comparative.crop_share=0.5", "comparative.crop_question=true"])
-    method = rt.methods["comparative"]
+    masks, outs = [], []
+
+    def body(method, model, batch, ctx):
+        adapter = get_adapter(model)
+        with torch.no_grad():
+            for i in (1, 2):
+                with method._ablated(model, batch, i, ctx) as ablated:
+                    masks.append(ablated["attention_mask"])
+                    model(**ablated)  # the cropped batch runs
+            # image tokens: the projector's output has nested zeroed rows
+            x = torch.randn(2, 4, adapter.projector.linear_1.in_features)
+            for i in (1, 2):
+                with method._ablated(model, batch, i, ctx):
+                    outs.append(adapter.projector(x))
+
+    model, batch = _inside_step(["comparative.ablation=crop", "comparative.crop_parts=[context,image]",
+                                 "comparative.crop_share=0.5", "comparative.crop_question=true"], body)
     adapter = get_adapter(model)
-    masks = []
-    with torch.no_grad():
-        for i in (1, 2):
-            with method._ablated(model, batch, i, ctx) as ablated:
-                masks.append(ablated["attention_mask"])
-                model(**ablated)  # the cropped batch runs
     original = batch["attention_mask"]
     dropped1, dropped2 = (original == 1) & (masks[0] == 0), (original == 1) & (masks[1] == 0)
     assert dropped1.any() and bool((dropped1 & ~dropped2).sum() == 0)
     prompt_only = (batch["labels"] == -100) & ~adapter.image_token_positions(batch["input_ids"])
     assert bool((dropped2 & ~prompt_only).sum() == 0)  # never an answer token or an image token
-    # image tokens: the projector's output has nested zeroed rows
-    x = torch.randn(2, 4, adapter.projector.linear_1.in_features)
-    with torch.no_grad():
-        outs = []
-        for i in (1, 2):
-            with method._ablated(model, batch, i, ctx):
-                outs.append(adapter.projector(x))
     z1, z2 = (outs[0] == 0).all(-1), (outs[1] == 0).all(-1)
     assert bool((z1 & ~z2).sum() == 0) and z2.sum() >= z1.sum()
 

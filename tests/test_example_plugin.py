@@ -4,6 +4,7 @@ its own tests (which use this package's pytest fixtures through ``pytest11``).""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -67,4 +68,38 @@ def test_installed_example_is_discovered_through_its_entry_point(plugin_venv, tm
 def test_example_runs_through_its_recipe_with_its_own_tests(plugin_venv, tmp_path):
     proc = _run([str(plugin_venv), "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(EXAMPLE),
                  str(EXAMPLE / "tests")], cwd=tmp_path)
-    assert "3 passed" in proc.stdout
+    assert "6 passed" in proc.stdout, proc.stdout[-2000:]
+
+
+def _imports(path: Path):
+    """Every ``(module, name)`` a file imports from lvlm_safety_plugins (``name`` is
+    ``None`` for ``import module``), function-level and TYPE_CHECKING imports included."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "lvlm_safety_plugins":
+                    yield node.lineno, alias.name, None
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "lvlm_safety_plugins":
+            for alias in node.names:
+                yield node.lineno, node.module, alias.name
+
+
+def test_the_example_imports_only_public_names():
+    import importlib
+
+    import lvlm_safety_plugins
+
+    public = set(lvlm_safety_plugins.PUBLIC_MODULES)
+    files = sorted(EXAMPLE.rglob("*.py"))
+    assert len(files) >= 6
+    seen = 0
+    for path in files:
+        for line, module, name in _imports(path):
+            where = f"{path.relative_to(EXAMPLE)}:{line}"
+            assert module in public, f"{where}: imports the private module {module} (public: {sorted(public)})"
+            if name is not None:
+                exported = getattr(importlib.import_module(module), "__all__", ())
+                assert name in exported, f"{where}: {module}.{name} is not in that module's __all__"
+            seen += 1
+    assert seen >= 10

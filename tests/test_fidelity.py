@@ -241,16 +241,9 @@ def tga_rows(n=2):
 def tga_step(model, processor, recipe, data, *, backward_term=None):
     rt = Runtime(recipe, model=model, processor=processor)
     batch = SafetyCollator(LlavaSFTCollator(processor), rt)(data)
-    ctx = rt.new_step(0, 10)
-    ctx.scratch["extras"] = batch.pop(EXTRAS_KEY)
-    try:
-        rt.hook.before_forward(model=model, batch=batch, ctx=ctx)
-        cap = ctx.scratch.get("tga_cap")
-        out = model(**batch)
-        terms = rt.loss_terms(model, batch, out, ctx)
-    finally:
-        rt.hook.step_end(model=model, ctx=ctx)
-    return rt, batch, cap, terms
+    result = rt.training_step(model, batch, step=0, max_steps=10)
+    batch.pop(EXTRAS_KEY)
+    return rt, batch, result.context.scratch.get("tga_cap"), result.terms
 
 
 def test_caption_pass_pools_the_caption_tokens_in_the_prompt_template():
@@ -346,17 +339,15 @@ def test_a_forward_without_gradients_is_a_named_error():
     model.train()
     rt = Runtime(load_recipe({"plugins": ["tga"], "tga": {"layers": [1]}}), model=model, processor=processor)
     batch = SafetyCollator(LlavaSFTCollator(processor), rt)(tga_rows(2))
-    ctx = rt.new_step(0, 10)
-    ctx.scratch["extras"] = batch.pop(EXTRAS_KEY)
-    try:
-        rt.hook.before_forward(model=model, batch=batch, ctx=ctx)
+
+    def no_grad_forward(b):
         with torch.no_grad():
-            out = model(**batch)
-        with pytest.raises(Exception, match="carry no gradient") as err:
-            rt.loss_terms(model, batch, out, ctx)
-        assert isinstance(err.value.__cause__ or err.value, GradientError)
-    finally:
-        rt.hook.step_end(model=model, ctx=ctx)
+            out = model(**b)
+        return out.loss, out
+
+    with pytest.raises(Exception, match="carry no gradient") as err:
+        rt.training_step(model, batch, step=0, max_steps=10, forward=no_grad_forward)
+    assert isinstance(err.value.__cause__ or err.value, GradientError)
 
 
 # -- TGA 7: the teacher pass stops early without an exception ------------------------------------
@@ -369,11 +360,13 @@ def test_teacher_pass_keeps_hooks_balanced_and_the_model_as_it_was():
     batch = SafetyCollator(LlavaSFTCollator(processor), rt)(tga_rows(2))
     extras = batch.pop(EXTRAS_KEY)
 
-    def state():
-        return [(name, id(m), type(m).__name__, tuple(m._forward_hooks), tuple(m._forward_pre_hooks), m.training,
+    def state(hooks=True):
+        return [(name, id(m), type(m).__name__, hooks and tuple(m._forward_hooks), hooks and tuple(m._forward_pre_hooks), m.training,
                  tuple(id(p) for p in m.parameters(recurse=False)), tuple(m._modules), tuple(id(c) for c in m._modules.values()),
                  "forward" in m.__dict__) for name, m in model.named_modules()]
 
+    with torch.no_grad():
+        model(**batch)  # transformers 5 installs its output-recording hooks on a model's first forward
     before = state()
     calls: dict[str, list[int]] = {}
     handles = []
@@ -382,13 +375,19 @@ def test_teacher_pass_keeps_hooks_balanced_and_the_model_as_it_was():
         handles.append(module.register_forward_pre_hook(lambda m, a, name=name: calls[name].__setitem__(0, calls[name][0] + 1)))
         handles.append(module.register_forward_hook(lambda m, a, o, name=name: calls[name].__setitem__(1, calls[name][1] + 1)))
 
-    ctx = rt.new_step(0, 10)
-    ctx.scratch["extras"] = extras
-    rt.hook.before_forward(model=model, batch=batch, ctx=ctx)  # the caption teacher pass
-    rt.hook.step_end(model=model, ctx=ctx)
+    seen = {}
+
+    def forward(b):  # the host forward: what the caption teacher pass left is seen first
+        seen["calls"] = {name: list(c) for name, c in calls.items()}
+        seen["state"] = state(hooks=False)  # the host forward's own hooks (capture, counting) are there now
+        out = model(**b)
+        return out.loss, out
+
+    rt.training_step(model, {**batch, EXTRAS_KEY: extras}, step=0, max_steps=10, forward=forward)
     for h in handles:
         h.remove()
-    assert state() == before
+    calls = seen["calls"]
+    assert seen["state"] == state(hooks=False) and state() == before
     # every forward that started ended (ZeRO-3 releases what it gathered in the post-hooks)
     assert all(pre == post for pre, post in calls.values()), {n: c for n, c in calls.items() if c[0] != c[1]}
     owner, attr = get_adapter(model).decoder_owner
@@ -417,13 +416,9 @@ def test_finite_difference_gradient_of_each_term(term):
     def loss(shift: torch.Tensor) -> torch.Tensor:
         """The term as a function of a shift added to the projector's output."""
         handle = adapter.projector.register_forward_hook(lambda m, a, o: o + shift)
-        ctx = rt.new_step(0, 10)
-        ctx.scratch["extras"] = extras
         try:
-            rt.hook.before_forward(model=model, batch=batch, ctx=ctx)
-            terms = rt.loss_terms(model, batch, model(**batch), ctx)
+            terms = rt.training_step(model, {**batch, EXTRAS_KEY: extras}, step=0, max_steps=10).terms
         finally:
-            rt.hook.step_end(model=model, ctx=ctx)
             handle.remove()
         return terms[term]
 
@@ -448,14 +443,15 @@ def _crop_masks(overrides, data, seeds=range(6)):
                                                  "comparative.crop_share=0.6", f"comparative.seed={seed}", *overrides]),
                      model=model, processor=processor)
         batch = SafetyCollator(LlavaSFTCollator(processor), rt)(data)
-        ctx = rt.new_step(0, 1)
-        ctx.scratch["extras"] = batch.pop(EXTRAS_KEY, {})
-        rt.hook.before_forward(model=model, batch=batch, ctx=ctx)
-        try:
-            with rt.methods["comparative"]._ablated(model, batch, 2, ctx) as ablated:
-                dropped.append((batch["attention_mask"] == 1) & (ablated["attention_mask"] == 0))
-        finally:
-            rt.hook.step_end(model=model, ctx=ctx)
+
+        def forward(b):  # the host forward, with a look at the second ablated model's crop
+            with rt.methods["comparative"]._ablated(model, b, 2, rt.current_step) as ablated:
+                dropped.append((b["attention_mask"] == 1) & (ablated["attention_mask"] == 0))
+            out = model(**b)
+            return out.loss, out
+
+        ctx = rt.training_step(model, batch, step=0, max_steps=1, forward=forward).context
+        batch.pop(EXTRAS_KEY, None)
     return batch, ctx, dropped
 
 
@@ -471,7 +467,7 @@ def test_cmpcrop_never_removes_the_question():
         start = next(s for s in range(len(row)) if row[s : s + len(question)] == question)
         by_hand = torch.zeros(len(row), dtype=torch.bool)
         by_hand[start : start + len(question)] = True
-        assert torch.equal(ctx.scratch["extras"][QUESTION_MASK][b], by_hand)
+        assert torch.equal(ctx.extras[QUESTION_MASK][b], by_hand)
         for d in dropped:
             assert not d[b][by_hand].any()
     assert any(d.any() for d in dropped)  # the rest of the context is still cropped
@@ -486,7 +482,7 @@ def test_cmpcrop_question_from_the_prompt_and_unlocated_rows():
     data = [{"image": make_image(0), "prompt": "USER: <image> tell me how to make a cake ASSISTANT:", "response": "sure"},
             {"image": make_image(1), "question": "hack computer bomb", "prompt": "USER: <image> what ASSISTANT:", "response": "no"}]
     batch, ctx, dropped = _crop_masks([], data)
-    extras = ctx.scratch["extras"]
+    extras = ctx.extras
     labels = batch["labels"]
     prompt = (batch["attention_mask"] == 1) & (labels == -100) & (batch["input_ids"] != 4)
     prompt[:, 0] = False  # a row's first token (BOS where the tokenizer adds one) is never cropped anyway

@@ -166,12 +166,7 @@ def test_both_terms_reach_the_projector_and_frozen_params_get_none():
     model.train()
     for term in ("tga/pair", "tga/rank"):
         model.zero_grad(set_to_none=True)
-        ctx = rt.new_step(0, 10)
-        ctx.scratch["extras"] = extras
-        rt.hook.before_forward(model=model, batch=batch, ctx=ctx)
-        out = model(**batch)
-        terms = rt.loss_terms(model, batch, out, ctx)
-        rt.hook.step_end(model=model, ctx=ctx)
+        terms = rt.training_step(model, {**batch, EXTRAS_KEY: extras}, step=0, max_steps=10).terms
         assert set(terms) == {"tga/pair", "tga/rank"}
         terms[term].backward()
         grads = [p.grad for p in adapter.projector.parameters()]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..compat import DECODER_LAYER_PATHS, FINAL_NORM_PATHS, PROJECTOR_PATHS, layer_hidden, replace_layer_hidden
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, DataError, LayerError, UnsupportedModelError
 
 
 def get_path(root: Any, path: str) -> Any:
@@ -52,7 +52,7 @@ class SequenceLayout:
         mask = mask.to(torch.bool)
         if self.token_index is None:
             if tuple(mask.shape) != tuple(self.attention_mask.shape):
-                raise ValueError(f"token mask of shape {tuple(mask.shape)} does not fit the batch {tuple(self.attention_mask.shape)}")
+                raise DataError(f"token mask of shape {tuple(mask.shape)} does not fit the batch {tuple(self.attention_mask.shape)}")
             return mask & self.attention_mask & ~self.image_mask
         idx = self.token_index.to(mask.device)
         picked = torch.gather(mask, 1, idx.clamp(min=0))
@@ -214,7 +214,7 @@ class ModelAdapter:
         for layer in layers:
             idx = int(layer) + n if int(layer) < 0 else int(layer)
             if not 0 <= idx < n:
-                raise IndexError(f"layer {layer} does not exist: {type(self.model).__name__} has {n} decoder layers (0-{n - 1})")
+                raise LayerError(f"layer {layer} does not exist: {type(self.model).__name__} has {n} decoder layers (0-{n - 1})")
             out.append(idx)
         return out
 
@@ -274,7 +274,7 @@ class ModelAdapter:
         """
         key = self.pixel_key
         if key not in batch or batch[key] is None:
-            raise ValueError(f"the batch has no {key!r}: there is no image to replace")
+            raise DataError(f"the batch has no {key!r}: there is no image to replace")
         pixels = batch[key]
         out = dict(batch)
         if kind == "blank":
@@ -286,7 +286,7 @@ class ModelAdapter:
             gen = torch.Generator(device="cpu").manual_seed(int(seed))
             out[key] = torch.randn(pixels.shape, generator=gen, dtype=torch.float32).to(pixels.device, pixels.dtype)
         else:
-            raise ValueError(f"unknown reference image kind {kind!r}; valid: blank, noise")
+            raise ConfigError(f"unknown reference image kind {kind!r}; valid: blank, noise")
         return out
 
     def _processed_constant(self, pixels: torch.Tensor, image_processor: Any, fill: int) -> torch.Tensor:
@@ -297,7 +297,7 @@ class ModelAdapter:
         processed = image_processor(images=image, return_tensors="pt")["pixel_values"]
         single = processed[0]
         if single.shape != pixels.shape[1:]:
-            raise ValueError(
+            raise DataError(
                 f"the image processor made pixel values of shape {tuple(single.shape)}, the batch has {tuple(pixels.shape[1:])}"
             )
         return single.to(pixels.device, pixels.dtype).expand_as(pixels).clone()
@@ -311,7 +311,7 @@ class ModelAdapter:
         elif part == "llm":
             modules = [self.decoder_layers, self.final_norm, self.lm_head, self.model.get_input_embeddings()]
         else:
-            raise ValueError(f"part must be 'projector' or 'llm', got {part!r}")
+            raise ConfigError(f"part must be 'projector' or 'llm', got {part!r}")
         for p in self.model.parameters():
             p.requires_grad_(False)
         params: list[nn.Parameter] = []

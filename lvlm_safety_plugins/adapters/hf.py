@@ -8,6 +8,7 @@ import torch
 
 from .. import compat
 from .base import ModelAdapter, SequenceLayout
+from ..errors import UnsupportedModelError
 
 
 class HFLlavaAdapter(ModelAdapter):
@@ -126,7 +127,7 @@ class HFCausalLMAdapter(ModelAdapter):
         return -1  # no token id is negative: nothing is an image placeholder
 
     def blank_image_batch(self, batch: Mapping[str, Any], kind: str = "blank", **kwargs: Any) -> dict[str, Any]:
-        raise ValueError(f"{type(self.model).__name__} is a text-only model: it takes no image")
+        raise UnsupportedModelError(f"{type(self.model).__name__} is a text-only model: it takes no image")
 
 
 __all__ = ["HFCausalLMAdapter", "HFLlavaAdapter", "HFLlavaNextAdapter", "HFQwen2VLAdapter"]

@@ -127,19 +127,12 @@ def train(model: Any, processor: Any, rows: Sequence[dict], *, part: str, steps:
     for step in tqdm(range(steps), desc=desc, leave=False):
         idx = torch.randint(len(rows), (batch_size,), generator=gen).tolist()
         batch = collate([rows[i] for i in idx])
-        extras = batch.pop(EXTRAS_KEY, {})
         opt.zero_grad(set_to_none=True)
         if runtime is None:
+            batch.pop(EXTRAS_KEY, None)
             loss = model(**batch).loss
         else:
-            ctx = runtime.new_step(step, steps)
-            ctx.scratch["extras"] = extras
-            try:
-                runtime.hook.before_forward(model=model, batch=batch, ctx=ctx)
-                out = model(**batch)
-                loss = out.loss + sum(runtime.loss_terms(model, batch, out, ctx).values())
-            finally:
-                runtime.hook.step_end(model=model, ctx=ctx)
+            loss = runtime.training_step(model, batch, step=step, max_steps=steps).loss
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
@@ -256,7 +249,7 @@ def _cmrm_runtime(model: Any, processor: Any, world: World, vectors: Path, overr
     from ..recipe import load_recipe
     from ..runtime import Runtime
 
-    runtime = Runtime(load_recipe(CMRM_RECIPE, [f"cmrm.vectors={vectors}", *overrides]), model=model, processor=processor)
+    runtime = Runtime(CMRM_RECIPE, overrides=[f"cmrm.vectors={vectors}", *overrides], model=model, processor=processor)
     runtime.calibrate(processor, world.calibration_rows())
     return runtime
 
@@ -305,7 +298,7 @@ def run_seed(seed: int, size: DemoSize, workdir: Path, overrides: Mapping[str, S
 
     def tga() -> dict[str, Any]:  # the same alignment from the same start, with the TGA loss
         model.load_state_dict(initial)
-        runtime = Runtime(load_recipe(TGA_RECIPE, overrides["tga"]), model=model, processor=processor)
+        runtime = Runtime(TGA_RECIPE, overrides=overrides["tga"], model=model, processor=processor)
         _align(model, processor, world, size, seed, runtime=runtime, desc=f"seed {seed}: projector alignment + TGA")
         aligned["tga"] = copy.deepcopy(model.state_dict())
         return {**text, **measure(model, processor, world)}
@@ -513,7 +506,7 @@ def print_report(report: Mapping[str, Any]) -> None:
     missed = [g for g in report["goals"] if not g["met"]]
     print(f"goals met: {sum(g['met'] for g in report['goals'])} of {len(report['goals'])}" + (":" if missed else ""))
     for g in missed:
-        print(f"  MISSED seed {g['seed']}: {g['goal']} (got {g['value']:.2f}, target {g['target']:.2f})")
+        print(f"  MISSED seed {g['seed']}: {g['goal']} (got {g['value']:.3f}, target {g['target']:.3f})")
 
 
 PLOT_SKIPPED = "plot skipped: matplotlib is not installed (pip install 'lvlm-safety-plugins[plot]')"

@@ -31,6 +31,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from typing import Any
+from ..errors import ConfigError
 
 HARMFUL = ("bomb", "poison", "weapon", "virus", "drug", "explosive", "grenade", "malware", "toxin", "rifle", "meth",
            "ransomware", "napalm", "dynamite", "pistol", "cyanide", "anthrax", "landmine", "heroin", "sarin",
@@ -94,11 +95,11 @@ class WorldConfig:
 
     def __post_init__(self) -> None:
         if not 2 <= self.concepts <= len(HARMFUL):
-            raise ValueError(f"concepts must be 2-{len(HARMFUL)} per kind, got {self.concepts}")
+            raise ConfigError(f"concepts must be 2-{len(HARMFUL)} per kind, got {self.concepts}")
         if not 0 <= self.held_out < self.concepts:
-            raise ValueError(f"held_out must be 0-{self.concepts - 1}, got {self.held_out}")
+            raise ConfigError(f"held_out must be 0-{self.concepts - 1}, got {self.held_out}")
         if len(self.split_sizes) != 3 or min(self.split_sizes) < 1:
-            raise ValueError(f"split_sizes must be three counts >= 1, got {self.split_sizes}")
+            raise ConfigError(f"split_sizes must be three counts >= 1, got {self.split_sizes}")
 
 
 @dataclass
@@ -149,7 +150,7 @@ class World:
     def split(self, concept: str, part: str) -> list[Any]:
         """A concept's images of one split (``align``, ``val``, ``test``)."""
         if part not in SPLITS:
-            raise ValueError(f"unknown split {part!r}; valid: {', '.join(SPLITS)}")
+            raise ConfigError(f"unknown split {part!r}; valid: {', '.join(SPLITS)}")
         a, v, _ = self.config.split_sizes
         imgs = self.images[concept]
         return {"align": imgs[:a], "val": imgs[a : a + v], "test": imgs[a + v :]}[part]
@@ -215,7 +216,7 @@ class World:
         for c in (self.seen if concepts is None else concepts):
             choices = [o for o in others if o != c]
             if not choices:
-                raise ValueError(f"kind (b) requests about {c!r} need an image of another seen benign concept; "
+                raise ConfigError(f"kind (b) requests about {c!r} need an image of another seen benign concept; "
                                  f"this world has {others} (use more concepts or fewer held out)")
             for i in range(len(self.split(c, part))):
                 for t in REQUESTS[:templates]:

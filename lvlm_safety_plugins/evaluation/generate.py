@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from ..compat import processor_has_chat_template_api
 from ..loading import open_image
 from .examples import Example
+from ..errors import ConfigError, DataError
 
 #: LLaVA-1.5's conversation format, used when the processor has no chat template
 DEFAULT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
@@ -36,11 +37,11 @@ class GenerationSettings:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
+            raise ConfigError("max_new_tokens must be >= 1")
         if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+            raise ConfigError("batch_size must be >= 1")
         if self.template is not None and "{prompt}" not in self.template:
-            raise ValueError("the prompt template must contain {prompt}")
+            raise ConfigError("the prompt template must contain {prompt}")
 
 
 def _tokenizer(processor: Any) -> Any:
@@ -141,7 +142,7 @@ class HFGenerator:
                 continue
             images.append(open_image(e.image, e.where or e.id) if isinstance(e.image, (str, os.PathLike)) else e.image)
         if images and not hasattr(self.processor, "image_processor"):
-            raise ValueError(f"{examples[0].where}: the model has no image processor but the example has an image")
+            raise DataError(f"{examples[0].where}: the model has no image processor but the example has an image")
         batch = self.encode(texts, images)
         tok = _tokenizer(self.processor)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import LVLMSafetyError
+from ..errors import DataError, LVLMSafetyError
 
 
 class JudgeError(LVLMSafetyError):
@@ -270,7 +270,7 @@ class LLMJudge:
 
     def verdicts(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
         if len(prompts) != len(responses):
-            raise ValueError("prompts and responses differ in length")
+            raise DataError("prompts and responses differ in length")
         self._load()
         texts = [self.judge_prompt(p, r) for p, r in zip(prompts, responses)]
         return self._by_logits(texts) if self.mode == "logits" else self._by_generation(texts)

@@ -22,6 +22,7 @@ import math
 import re
 from collections import defaultdict
 from typing import Any, Sequence
+from ..errors import DataError
 
 #: the 97.5% quantile of the standard normal distribution (two-sided 95%)
 Z95 = 1.959963984540054
@@ -32,7 +33,7 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float] | tup
     if n <= 0:
         return (None, None)
     if not 0 <= k <= n:
-        raise ValueError(f"wilson_interval: k={k} is outside 0..n={n}")
+        raise DataError(f"wilson_interval: k={k} is outside 0..n={n}")
     p = k / n
     z2 = z * z
     denom = 1.0 + z2 / n
@@ -51,7 +52,7 @@ def proportion(k: int, n: int) -> dict[str, Any]:
 
 def _grouped(flags: Sequence[bool], categories: Sequence[str]) -> dict[str, tuple[int, int]]:
     if len(flags) != len(categories):
-        raise ValueError("flags and categories differ in length")
+        raise DataError("flags and categories differ in length")
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for flag, cat in zip(flags, categories):
         counts[cat][0] += int(bool(flag))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from typing import Any
+from ..errors import LayerError
 
 
 def parse_layers(spec: Any) -> list[int] | None:
@@ -14,7 +15,7 @@ def parse_layers(spec: Any) -> list[int] | None:
     if spec is None:
         return None
     if isinstance(spec, bool):
-        raise ValueError(f"layers must be 'all', a range such as '10-20', or a list of ints, got {spec!r}")
+        raise LayerError(f"layers must be 'all', a range such as '10-20', or a list of ints, got {spec!r}")
     if isinstance(spec, int):
         return [spec]
     if isinstance(spec, str):
@@ -31,29 +32,29 @@ def parse_layers(spec: Any) -> list[int] | None:
                 try:
                     lo, hi = int(lo_text), int(hi_text)
                 except ValueError:
-                    raise ValueError(f"bad layer range {part!r}; write it as 'first-last', e.g. '10-20'") from None
+                    raise LayerError(f"bad layer range {part!r}; write it as 'first-last', e.g. '10-20'") from None
                 if hi < lo:
-                    raise ValueError(f"bad layer range {part!r}: the last layer is before the first")
+                    raise LayerError(f"bad layer range {part!r}: the last layer is before the first")
                 out.extend(range(lo, hi + 1))
             else:
                 try:
                     out.append(int(part))
                 except ValueError:
-                    raise ValueError(
+                    raise LayerError(
                         f"bad layer {part!r}; use 'all', a range such as '10-20', or a list of ints"
                     ) from None
         if not out:
-            raise ValueError(f"empty layer selection {spec!r}")
+            raise LayerError(f"empty layer selection {spec!r}")
         return out
     try:
         items = list(spec)
     except TypeError:
-        raise ValueError(f"layers must be 'all', a range such as '10-20', or a list of ints, got {spec!r}") from None
+        raise LayerError(f"layers must be 'all', a range such as '10-20', or a list of ints, got {spec!r}") from None
     out = []
     for item in items:
         if isinstance(item, bool) or not isinstance(item, int):
-            raise ValueError(f"bad layer {item!r} in {items!r}: layer ids are ints")
+            raise LayerError(f"bad layer {item!r} in {items!r}: layer ids are ints")
         out.append(item)
     if not out:
-        raise ValueError("empty layer list")
+        raise LayerError("empty layer list")
     return out

@@ -25,17 +25,26 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import torch
 from omegaconf import MISSING
 
-from lvlm_safety_plugins import LVLMSafetyError, get_adapter, hookimpl, steering
-from lvlm_safety_plugins.capture import HiddenCapture
-from lvlm_safety_plugins.errors import ConfigValueError
-from lvlm_safety_plugins.fileio import atomic_output_path
-from lvlm_safety_plugins.methods.base import Method
-from lvlm_safety_plugins.methods.layers import parse_layers
+# public names only (lvlm_safety_plugins.PUBLIC_MODULES; a test checks it)
+from lvlm_safety_plugins import (
+    ConfigValueError,
+    HiddenCapture,
+    LVLMSafetyError,
+    Method,
+    atomic_output_path,
+    get_adapter,
+    hookimpl,
+    load_vectors,
+    parse_layers,
+    steering,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lvlm_safety_plugins.runtime import Runtime
+    from lvlm_safety_plugins import Runtime
 
 LABELS = ("harmful", "benign")
+#: the config's positions -> the steering primitive's position kinds
+POSITIONS = {"image": "image", "text": ("text", "generated"), "all": "all"}
 
 
 @dataclass
@@ -145,10 +154,8 @@ class ShiftDC(Method):
 
     def projected_shift(self, model: torch.nn.Module) -> dict[int, torch.Tensor]:
         """``(v_l . d_l) d_l`` for every steered layer."""
-        from lvlm_safety_plugins.methods.cmrm.vectorfile import load_checked
-
         adapter = get_adapter(model)
-        shift = load_checked(self.config.shift_vectors, model)
+        shift = load_vectors(self.config.shift_vectors, model)
         dirs = load_directions(self.config.directions, adapter.hidden_size)
         layers = parse_layers(self.config.layers)
         chosen = sorted(set(shift.layers) & set(dirs)) if layers is None else adapter.resolve_layers(layers)
@@ -159,11 +166,9 @@ class ShiftDC(Method):
 
     @hookimpl
     def install_steering(self, model: torch.nn.Module, runtime: "Runtime") -> Any:
-        from lvlm_safety_plugins.methods.cmrm.steer import steered_positions
-
         # the prompt's chosen positions, and the generated tokens unless only image
         # positions are steered (generated tokens are text), as CMRM does
-        positions = steered_positions(self.config.positions, "both")
+        positions = POSITIONS[self.config.positions]
         vectors = self.projected_shift(model)
         return steering.add_vectors(model, vectors, scale=-float(self.config.alpha), positions=positions,
-                                    name=self.name)
+                                    adapter=runtime.adapter, name=self.name)

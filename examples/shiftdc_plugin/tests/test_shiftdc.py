@@ -8,8 +8,7 @@ import threading
 
 import torch
 
-from lvlm_safety_plugins import Runtime, get_adapter, get_plugin_manager, load_recipe
-from lvlm_safety_plugins.methods.cmrm.calibration import calibrate as cmrm_calibrate
+from lvlm_safety_plugins import Runtime, calibrate_cmrm, get_adapter, get_plugin_manager, load_recipe
 from lvlm_safety_plugins.registry import methods
 from lvlm_safety_plugins.testing import make_image, tiny_llava_batch
 
@@ -51,7 +50,7 @@ def _hand_steered_logits(model, batch, vectors, alpha):
 def test_calibrate_then_steer_removes_only_the_safety_component(tmp_path, tiny_llava, tiny_llava_processor):
     shift_file, dir_file = str(tmp_path / "shift.safetensors"), str(tmp_path / "dirs.safetensors")
     rows = [{"image": make_image(i), "prompt": f"USER: <image> {p} ASSISTANT:"} for i, p in enumerate(HARMFUL + BENIGN)]
-    cmrm_calibrate(tiny_llava, tiny_llava_processor, rows, layers=LAYERS, progress=False).save(shift_file)
+    calibrate_cmrm(tiny_llava, tiny_llava_processor, rows, layers=LAYERS, progress=False).save(shift_file)
 
     runtime = Runtime(load_recipe("shiftdc_llava", [f"shiftdc.shift_vectors={shift_file}", f"shiftdc.directions={dir_file}",
                                                    "shiftdc.layers=[1,2]", "shiftdc.alpha=2.0"]),
@@ -95,7 +94,7 @@ def test_install_steering_returns_the_primitives_handle(tmp_path, tiny_llava, ti
 
     shift_file, dir_file = str(tmp_path / "shift.safetensors"), str(tmp_path / "dirs.safetensors")
     rows = [{"image": make_image(i), "prompt": f"USER: <image> {p} ASSISTANT:"} for i, p in enumerate(HARMFUL)]
-    cmrm_calibrate(tiny_llava, tiny_llava_processor, rows, layers=LAYERS, progress=False).save(shift_file)
+    calibrate_cmrm(tiny_llava, tiny_llava_processor, rows, layers=LAYERS, progress=False).save(shift_file)
     runtime = Runtime(load_recipe("shiftdc_llava", [f"shiftdc.shift_vectors={shift_file}", f"shiftdc.directions={dir_file}",
                                                    "shiftdc.layers=[1,2]", "shiftdc.positions=image"]),
                       model=tiny_llava, processor=tiny_llava_processor)

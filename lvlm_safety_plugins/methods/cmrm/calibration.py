@@ -31,6 +31,7 @@ from ...loading import DataFileError, open_image, read_records
 from ...steering import steer, vector_edit
 from .config import alpha_by_layer
 from .vectorfile import SteeringVectors, model_fingerprint
+from ...errors import DataError
 
 
 def _option(config: Any, key: str, default: Any) -> Any:
@@ -107,7 +108,7 @@ class ShiftAccumulator:
 
     def means(self) -> dict[int, torch.Tensor]:
         if self.count == 0:
-            raise ValueError("no calibration samples")
+            raise DataError("no calibration samples")
         return {layer: (self.sums[i] / self.count).float() for i, layer in enumerate(self.layers)}
 
 

@@ -31,7 +31,7 @@ import torch
 from ... import compat
 from ...adapters import ModelAdapter, get_adapter
 from ...capture import pool, run_to_layer
-from ...errors import LVLMSafetyError
+from ...errors import ConfigError, LVLMSafetyError
 from ...steering import SteeringHandle, SteeringStep, apply as apply_edit, unsteered, vector_edit
 from .calibration import measure_mask, measure_states
 from .config import alpha_by_layer
@@ -49,9 +49,9 @@ def steered_positions(positions: str, apply_to: str) -> frozenset[str]:
     ``from_image`` is ``all`` narrowed by the ``after_image`` filter: the image tokens,
     the prompt text after them and the generated tokens, in rows that have an image."""
     if positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        raise ConfigError(f"positions must be one of {POSITIONS}, got {positions!r}")
     if apply_to not in PHASES:
-        raise ValueError(f"apply_to must be one of {PHASES}, got {apply_to!r}")
+        raise ConfigError(f"apply_to must be one of {PHASES}, got {apply_to!r}")
     prompt = {"image": {"image"}, "text": {"text"}, "all": {"image", "text"}, "from_image": {"image", "text"}}[positions]
     out: set[str] = set()
     if apply_to in ("prompt", "both"):
@@ -59,7 +59,7 @@ def steered_positions(positions: str, apply_to: str) -> frozenset[str]:
     if apply_to in ("generated", "both") and positions != "image":
         out.add("generated")
     if not out:
-        raise ValueError("positions='image' with apply_to='generated' steers nothing: generated tokens are text")
+        raise ConfigError("positions='image' with apply_to='generated' steers nothing: generated tokens are text")
     if positions == "from_image":
         out.add("after_image")
     return frozenset(out)
@@ -169,11 +169,11 @@ def apply(
     """
     kinds = steered_positions(positions, apply_to)
     if variant not in ("dataset", "sample"):
-        raise ValueError(f"variant must be 'dataset' or 'sample', got {variant!r}")
+        raise ConfigError(f"variant must be 'dataset' or 'sample', got {variant!r}")
     if composition is None:
         composition = vectors.composition if isinstance(vectors, SteeringVectors) else "sequential"
     if composition not in COMPOSITIONS:
-        raise ValueError(f"composition must be one of {COMPOSITIONS}, got {composition!r}")
+        raise ConfigError(f"composition must be one of {COMPOSITIONS}, got {composition!r}")
     table = getattr(vectors, "vectors", vectors)
     adapter = get_adapter(model)
     if variant == "dataset":

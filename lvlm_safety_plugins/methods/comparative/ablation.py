@@ -24,6 +24,7 @@ from torch import nn
 
 from ...adapters.base import layer_hidden, replace_layer_hidden
 from .loss import nested_rate
+from ...errors import ConfigError
 
 
 class SharedUniform:
@@ -90,7 +91,7 @@ def nested_dropout(
     shared = _as_shared(seed)
     i = int(i)
     if i < 0:
-        raise ValueError(f"the ablated model index must be >= 0, got {i}")
+        raise ConfigError(f"the ablated model index must be >= 0, got {i}")
     touched: list[nn.Module] = []
     handles: list[Any] = []
     saved: list[tuple[nn.Module, bool, Any]] = []
@@ -110,7 +111,7 @@ def nested_dropout(
                 touched.append(module)
         else:
             if p is None or isinstance(p, Mapping):
-                raise ValueError("nested_dropout with sites= needs one dropout rate p")
+                raise ConfigError("nested_dropout with sites= needs one dropout rate p")
             rate = nested_rate(float(p), i)
             for idx, module in enumerate(sites):
                 handles.append(module.register_forward_hook(_output_hook(shared, ("site", idx), rate)))

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from ...errors import ConfigError, DataError
 
 TARGETS = ("ultra", "best", "first")
 IGNORE_INDEX = -100
@@ -57,7 +58,7 @@ def dummy_score(scores: torch.Tensor, target: str) -> torch.Tensor:
         first = scores[..., :1]
         best_ablated = scores[..., 1:].max(dim=-1, keepdim=True).values
         return torch.where(first > best_ablated, (first + best_ablated) / 2, best_ablated)
-    raise ValueError(f"unknown comparative target {target!r}; valid: {', '.join(TARGETS)}")
+    raise ConfigError(f"unknown comparative target {target!r}; valid: {', '.join(TARGETS)}")
 
 
 def comparative_loss(
@@ -82,9 +83,9 @@ def comparative_loss(
     """
     stacked = torch.stack(list(losses), dim=-1) if not isinstance(losses, torch.Tensor) else losses
     if stacked.shape[-1] < 2:
-        raise ValueError("the comparative loss needs the full model and at least one ablated model")
+        raise ConfigError("the comparative loss needs the full model and at least one ablated model")
     if float(temperature) <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
     scores = -stacked / float(temperature)
     if target is not None:
         scores = torch.cat([scores, dummy_score(scores, target)], dim=-1)
@@ -103,7 +104,7 @@ def sequence_losses(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
     causal LM returns; ``sum / count`` the per-example losses.
     """
     if logits.shape[:2] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} are not in the same coordinates")
+        raise DataError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} are not in the same coordinates")
     shift_labels = labels[:, 1:].to(logits.device)
     valid = shift_labels != ignore_index
     rows, cols = valid.nonzero(as_tuple=True)

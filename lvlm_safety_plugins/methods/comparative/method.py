@@ -188,14 +188,14 @@ class Comparative(Method):
             first = attention.bool().int().argmax(dim=1)
             prompt[torch.arange(prompt.shape[0]), first] = False
             if not self.config.crop_question:
-                question = ctx.scratch.get("extras", {}).get(QUESTION_MASK)
+                question = ctx.extras.get(QUESTION_MASK)
                 if question is None:
                     raise LVLMSafetyError("comparative: no question mask for this batch (collate did not run through "
                                           "the runtime); set comparative.crop_question: true to crop without one")
                 prompt &= ~question.to(prompt.device).bool()
             drop |= prompt & (shared.get("context", input_ids.shape, input_ids.device) < rate)
         if "retrieved" in parts:
-            extras = ctx.scratch.get("extras", {})
+            extras = ctx.extras
             if RETRIEVED_MASK not in extras:
                 raise LVLMSafetyError("comparative: crop_parts 'retrieved' needs the tga method in the recipe (it marks the retrieved text)")
             drop |= extras[RETRIEVED_MASK].to(input_ids.device).bool()
@@ -266,7 +266,7 @@ class Comparative(Method):
     def loss_terms(self, model: torch.nn.Module, batch: dict, outputs: Any, ctx: "StepContext") -> dict[str, torch.Tensor] | None:
         if not ctx.training or SHARED not in ctx.scratch:
             return None
-        unlocated = ctx.scratch.get("extras", {}).get(QUESTION_UNLOCATED)
+        unlocated = ctx.extras.get(QUESTION_UNLOCATED)
         if unlocated is not None:
             ctx.metrics["comparative/question_unlocated"] = float(unlocated)
         host = getattr(outputs, "loss", None)
@@ -326,8 +326,8 @@ class Comparative(Method):
             # the integration multiplies every term by term_scale (gradient accumulation,
             # tokens averaged across devices): divide it out so that the host loss the
             # terms are added to is cancelled exactly
-            scale = float(ctx.scratch.get("term_scale", 1.0)) or 1.0
-            terms["comparative/host_cancel"] = -ctx.scratch.get("host_loss", host) / scale
+            scale = float(ctx.term_scale) or 1.0
+            terms["comparative/host_cancel"] = -(ctx.host_loss if ctx.host_loss is not None else host) / scale
         return terms
 
     @hookimpl

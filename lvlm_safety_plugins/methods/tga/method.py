@@ -23,7 +23,8 @@ Per training step (through the lifecycle hooks):
    ``math.exp``, which gives no gradient at all). Rows without retrieved text (LLaVA's
    pretrain stage) are left out of the rank term; with none in the batch the term is
    skipped, never NaN.
-5. ``step_end``: hooks removed, also when the forward raised.
+5. the capture's hooks are removed by the runtime after ``loss_terms``, also when the
+   forward raised (no ``step_end`` needed).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ import torch.nn.functional as F
 
 from ... import compat
 from ...adapters.base import repad
-from ...capture import HiddenCapture
-from ...errors import GradientError, LVLMSafetyError
+from ...capture import ForwardCapture, HiddenCapture
+from ...errors import ConfigError, GradientError, LVLMSafetyError
 from ...markers import hookimpl
 from ..base import Method
 from ..layers import parse_layers
@@ -71,7 +72,7 @@ def schedule_factors(schedule: Schedule | str, progress: float) -> tuple[float, 
         return 1.0, 1.0
     if name == "none":
         return 0.0, 0.0
-    raise ValueError(f"unknown schedule {name!r}; valid: paper, constant, none")
+    raise ConfigError(f"unknown schedule {name!r}; valid: paper, constant, none")
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -294,7 +295,7 @@ class TGA(Method):
 
     @hookimpl
     def before_forward(self, model: torch.nn.Module, batch: dict, ctx: "StepContext") -> None:
-        extras = ctx.scratch.get("extras", {})
+        extras = ctx.extras
         if CAPTION_IDS not in extras:
             return  # no captions in this batch: nothing to align to
         adapter = ctx.runtime.adapter
@@ -326,21 +327,18 @@ class TGA(Method):
         finally:
             model.train(was_training)
         ctx.scratch["tga_cap"] = cap.stacked("cap")
-        layout = adapter.layout(batch)
-        masks = {"img": layout.image_mask}
-        if RETRIEVED_MASK in extras:
-            masks["ret"] = layout.map_token_mask(extras[RETRIEVED_MASK].to(layout.image_mask.device))
-        ctx.scratch["tga_valid"] = pooled_mask.any(dim=1).to(layout.image_mask.device) & layout.image_mask.any(dim=1)
-        capture = HiddenCapture(adapter, layers, masks, pooling)
-        ctx.scratch["tga_capture"] = capture.__enter__()
+        token_masks = {"ret": extras[RETRIEVED_MASK]} if RETRIEVED_MASK in extras else None
+        # the host forward's states at the TGA layers, through the public capture API
+        capture = ctx.capture(layers, token_masks=token_masks, pooling=pooling)
+        ctx.scratch["tga_valid"] = pooled_mask.any(dim=1).to(capture.image_mask.device) & capture.image_mask.any(dim=1)
+        ctx.scratch["tga_capture"] = capture
 
     @hookimpl
     def loss_terms(self, model: torch.nn.Module, batch: dict, outputs: Any, ctx: "StepContext") -> dict[str, torch.Tensor] | None:
-        capture: HiddenCapture | None = ctx.scratch.pop("tga_capture", None)
+        capture: ForwardCapture | None = ctx.scratch.pop("tga_capture", None)
         if capture is None:
             return None
-        capture.remove()
-        img = capture.stacked("img")
+        img = capture.stacked("image")
         if torch.is_grad_enabled() and model.training and not img.requires_grad and \
                 any(p.requires_grad for p in model.parameters()):
             raise GradientError(
@@ -361,14 +359,5 @@ class TGA(Method):
         if "rank" in raw:
             terms["tga/rank"] = float(self.config.rank_weight) * b * raw["rank"]
         return terms
-
-    @hookimpl
-    def step_end(self, model: torch.nn.Module, ctx: "StepContext") -> None:
-        capture = ctx.scratch.pop("tga_capture", None)
-        if capture is not None:
-            capture.remove()
-        ctx.scratch.pop("tga_cap", None)
-        ctx.scratch.pop("tga_valid", None)
-
 
 __all__ = ["TGA", "find_subsequence", "locate_text", "schedule_factors", "tga_terms"]
