@@ -33,9 +33,9 @@ import torch
 from transformers import Trainer
 
 from ..compat import rng_state_loading, trainer_term_scale, trainer_tokenizer
+from ..errors import ConfigError, DataError, DependencyError
 from ..recipe import Recipe
 from ..runtime import EXTRAS_KEY, Runtime
-from ..errors import ConfigError, DataError, DependencyError
 
 STATE_FILE = "lvlm_safety_state.json"
 

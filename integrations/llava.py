@@ -51,7 +51,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..fileio import atomic_output_path, atomic_write_text
-from ..recipe import Recipe, load_recipe
+from ..recipe import Recipe
 from ..runtime import Runtime
 from ..runtime import EXTRAS_KEY
 from .hf_training import SafetyTrainerMixin

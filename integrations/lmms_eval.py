@@ -32,6 +32,8 @@ import contextlib
 import json
 from typing import Any, Iterator, Sequence
 
+from ..errors import DependencyError, LVLMSafetyError
+
 try:
     from lmms_eval.api.instance import Instance
     from lmms_eval.api.model import lmms
@@ -43,7 +45,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without lmms-eva
 
 import torch
 
-from ..errors import DependencyError, LVLMSafetyError
 from ..evaluation.examples import Example
 from ..evaluation.generate import GenerationSettings, HFGenerator, build_prompt, image_token
 from ..loading import load_model_and_processor

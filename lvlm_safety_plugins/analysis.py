@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from .adapters import get_adapter
 from .capture import HiddenCapture
-from .fileio import atomic_write_text, save_figure
 from .errors import DataError
+from .fileio import atomic_write_text, save_figure
 
 DEFAULT_REFUSAL_WORDS = ("sorry", "Sorry", "cannot", "unable", "apologize", "I'm", "not", "can't")
 

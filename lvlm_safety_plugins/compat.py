@@ -53,6 +53,7 @@ import inspect
 from typing import Any, Iterator, Mapping
 
 import torch
+
 from .errors import UnsupportedModelError
 
 #: the transformers versions the test suite passes on (pyproject's requirement): the

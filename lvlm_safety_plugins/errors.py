@@ -125,6 +125,11 @@ class SteeringError(LVLMSafetyError, ValueError):
     does not fit the layers, an edit that is not callable)."""
 
 
+class ServingError(LVLMSafetyError, ValueError):
+    """A steering mode a serving engine (vLLM) cannot run exactly; the message says why
+    and what to use instead (docs/serving.md)."""
+
+
 class VectorFileError(LVLMSafetyError):
     """A steering-vector file is missing, corrupt, or does not fit the model."""
 
@@ -140,6 +145,7 @@ __all__ = [
     "LayerError",
     "PluginError",
     "RecipeError",
+    "ServingError",
     "StepError",
     "SteeringError",
     "UnknownHookError",

@@ -178,11 +178,13 @@ def collate(examples: Sequence[dict], batch: dict, runtime: "Runtime") -> Option
 def before_forward(model: "torch.nn.Module", batch: dict, ctx: "StepContext") -> None:
     """Run before the host's training forward pass.
 
-    Called by: the integration's ``compute_loss``, once per step and micro-batch, before
-    the host's forward. Typical work: a no-grad teacher pass (TGA's caption pass),
-    installing capture hooks whose results :func:`loss_terms` reads (store them on
-    ``ctx.scratch``). Everything installed here must be removed in :func:`step_end`,
-    which is always called, also when the forward raises.
+    Called by: :meth:`lvlm_safety_plugins.runtime.Runtime.training_step` (which every
+    integration runs), once per micro-batch, before the host's forward. Typical work: a
+    no-grad teacher pass (TGA's caption pass), asking for what the forward computes with
+    ``ctx.capture(...)`` (the projector output, the decoder's input, hidden states at
+    named layers; the runtime removes those hooks after the step). The plugins' batch
+    tensors are in ``ctx.extras``. Anything else changed on the model here is undone in
+    :func:`step_end`, which is always called, also when the forward raises.
 
     Returns: nothing.
     """
@@ -194,15 +196,14 @@ def loss_terms(
 ) -> Optional[Mapping[str, "torch.Tensor"]]:
     """Return auxiliary loss terms to add to the host's loss.
 
-    Called by: the integration's ``compute_loss``, after the host's forward produced
-    ``outputs`` (with ``outputs.loss`` the host's loss).
+    Called by: :meth:`lvlm_safety_plugins.runtime.Runtime.training_step`, after the
+    host's forward produced ``outputs`` (``ctx.host_loss`` is the host's loss).
 
     Return a mapping ``{"method/term": scalar tensor}`` of already weighted terms, or
-    ``None``. The integration adds every term to the host loss and logs each one under
-    its name through the host's own logging. The HF integrations multiply every term by
-    ``ctx.scratch["term_scale"]`` (which puts a per-micro-batch mean on the host loss's
-    scale under gradient accumulation) and leave the host loss the terms are added to
-    in ``ctx.scratch["host_loss"]``.
+    ``None``. The step adds ``ctx.term_scale`` times every term to the host loss (the
+    factor puts a per-micro-batch mean on the host loss's scale under gradient
+    accumulation; 1 outside the HF Trainer) and logs each one under its name through the
+    host's own logging.
     """
 
 
@@ -210,8 +211,9 @@ def loss_terms(
 def step_end(model: "torch.nn.Module", ctx: "StepContext") -> Optional[Mapping[str, float]]:
     """Clean up after a training step (remove hooks, advance schedules).
 
-    Called by: the integration's ``compute_loss`` in a ``finally`` block, once per step
-    and micro-batch, also when the forward or a loss term raised.
+    Called by: :meth:`lvlm_safety_plugins.runtime.Runtime.training_step` in a
+    ``finally`` block, once per micro-batch, also when the forward or a loss term raised
+    (after the step's captures were removed).
 
     Return extra scalar metrics to log, or ``None``.
     """

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import LVLMSafetyError
+from .errors import DataError, LVLMSafetyError
 
 
-class DataFileError(LVLMSafetyError):
+class DataFileError(DataError):
     """A data file is missing, unreadable, or has a bad row (named in the message)."""
 
 
@@ -36,11 +36,20 @@ def load_model_and_processor(path: str | Path, device: str = "cpu", dtype: Any =
     kwargs = {"local_files_only": True}
     kwargs.update(dtype_kwargs(dtype))
     model = cls.from_pretrained(folder, **kwargs).to(device).eval()
+    return model, load_processor(folder)
+
+
+def load_processor(path: str | Path) -> Any:
+    """The processor of a local model folder (its tokenizer for a text-only model)."""
+    import transformers
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise LVLMSafetyError(f"{folder}: model folder not found")
     try:
-        processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
+        return transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError):
-        processor = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return model, processor
+        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def read_records(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
@@ -91,4 +100,4 @@ def open_image(path: str | Path, where: str) -> Any:
         raise DataFileError(f"{where}: unreadable image {path}: {exc}") from None
 
 
-__all__ = ["DataFileError", "load_model_and_processor", "open_image", "read_records"]
+__all__ = ["DataFileError", "load_model_and_processor", "load_processor", "open_image", "read_records"]

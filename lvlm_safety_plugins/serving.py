@@ -31,17 +31,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from .errors import LVLMSafetyError
+from .errors import ServingError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapters.base import ModelAdapter
 
 #: the module prefix of vLLM's model classes
 VLLM_MODEL_PREFIX = "vllm.model_executor.models"
-
-
-class ServingError(LVLMSafetyError, ValueError):
-    """A steering mode a serving engine cannot run exactly (the message says why)."""
 
 
 def is_serving_model(model: Any) -> bool:

@@ -29,7 +29,7 @@ from lvlm_safety_plugins import (
     hookimpl,
 )
 from lvlm_safety_plugins.errors import CaptureError
-from lvlm_safety_plugins.plugins import SafetyPluginManager, create_plugin_manager
+from lvlm_safety_plugins.plugins import create_plugin_manager
 from lvlm_safety_plugins.testing import build_tiny_llava, build_tiny_llava_processor, tiny_llava_sft_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -372,10 +372,14 @@ def test_step_end_runs_and_captures_are_removed_when_the_step_raises(fail_in):
 
 
 def test_a_batch_without_labels_is_a_named_error():
-    model = build_tiny_llava(seed=2).train()
-    processor = build_tiny_llava_processor()
-    batch = tiny_llava_sft_batch(processor)
-    batch.pop("labels")
+    from transformers import LlamaForCausalLM
+
+    from lvlm_safety_plugins.testing import tiny_llava_config
+
+    # a causal LM returns no loss without labels (transformers 4.37's Llava returns NaN instead)
+    model = LlamaForCausalLM(tiny_llava_config().text_config).train()
+    ids = torch.tensor([[5, 6, 7]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with pytest.raises(StepError, match="labels"):
         Runtime({"plugins": []}, model=model).training_step(model, batch, step=0)
 
@@ -406,7 +410,7 @@ def test_forward_capture_returns_what_the_forward_computed():
     class Reader:
         @hookimpl
         def before_forward(self, model, batch, ctx):  # noqa: ANN001
-            got["cap"] = ctx.capture([0, 2], masks={"last": _last_token_mask(batch)}, projector=True, embeddings=True)
+            got["cap"] = ctx.capture([0, 2], token_masks={"last": _last_token_mask(batch)}, projector=True, embeddings=True)
 
         @hookimpl
         def loss_terms(self, model, batch, outputs, ctx):  # noqa: ANN001
@@ -430,8 +434,11 @@ def test_forward_capture_returns_what_the_forward_computed():
     torch.testing.assert_close(got["s2"].detach(), hs[3])  # layer l = hidden_states[l + 1]
     want_img0 = torch.stack([hs[1][b][image[b]].mean(0) for b in range(hs[1].shape[0])])
     torch.testing.assert_close(got["img0"].detach(), want_img0)
-    last = _last_token_mask(batch)
-    torch.testing.assert_close(got["last2"].detach(), torch.stack([hs[3][b][last[b]][0] for b in range(len(last))]))
+    # the last prompt token (right padding): the last real position of the decoder's sequence, which
+    # transformers 4.37 lengthens by splicing the image features in
+    real = adapter.layout(batch).attention_mask
+    last = [int(real[b].nonzero().max()) for b in range(real.shape[0])]
+    torch.testing.assert_close(got["last2"].detach(), torch.stack([hs[3][b][last[b]] for b in range(len(last))]))
     torch.testing.assert_close(got["row0"].detach(), hs[0][0][image[0]])
     assert got["row0"].shape[0] == int(image[0].sum()) > 0
 

@@ -13,7 +13,7 @@ from transformers import GPTNeoConfig, GPTNeoForCausalLM, TrainingArguments
 
 from lvlm_safety_plugins import Runtime, get_adapter, load_recipe
 from lvlm_safety_plugins.errors import LVLMSafetyError, RecipeError
-from lvlm_safety_plugins.integrations.hf_training import EXTRAS_KEY, LlavaSFTCollator, SafetyCollator, SafetyTrainer
+from lvlm_safety_plugins.integrations.hf_training import LlavaSFTCollator, SafetyCollator, SafetyTrainer
 from lvlm_safety_plugins.methods.comparative import (
     Comparative,
     comparative_loss,

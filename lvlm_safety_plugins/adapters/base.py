@@ -13,7 +13,13 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..compat import DECODER_LAYER_PATHS, FINAL_NORM_PATHS, PROJECTOR_PATHS, layer_hidden, replace_layer_hidden
+from ..compat import (
+    DECODER_LAYER_PATHS,
+    FINAL_NORM_PATHS,
+    PROJECTOR_PATHS,
+    layer_hidden,
+    replace_layer_hidden,
+)
 from ..errors import ConfigError, DataError, LayerError, UnsupportedModelError
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from typing import Any, Mapping
 
 import torch
 
 from .. import compat
-from .base import ModelAdapter, SequenceLayout
 from ..errors import UnsupportedModelError
+from .base import ModelAdapter, SequenceLayout
 
 
 class HFLlavaAdapter(ModelAdapter):

@@ -246,7 +246,6 @@ def _align(model: Any, processor: Any, world: World, size: DemoSize, seed: int, 
 
 
 def _cmrm_runtime(model: Any, processor: Any, world: World, vectors: Path, overrides: Sequence[str]) -> Any:
-    from ..recipe import load_recipe
     from ..runtime import Runtime
 
     runtime = Runtime(CMRM_RECIPE, overrides=[f"cmrm.vectors={vectors}", *overrides], model=model, processor=processor)

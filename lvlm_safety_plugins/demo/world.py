@@ -31,6 +31,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from typing import Any
+
 from ..errors import ConfigError
 
 HARMFUL = ("bomb", "poison", "weapon", "virus", "drug", "explosive", "grenade", "malware", "toxin", "rifle", "meth",

@@ -37,7 +37,7 @@ def _print_registry() -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..loading import load_model_and_processor
+    from ..loading import load_model_and_processor, load_processor
     from .generate import GenerationSettings
     from .harness import BenchmarkSpec, RunSpec, evaluate
 
@@ -74,7 +74,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         dtype = getattr(torch, args.dtype)
     model_path = str(Path(args.model).resolve())
     generator = None
-    if args.backend == "llava":
+    if args.engine == "vllm":
+        if args.backend != "hf":
+            raise LVLMSafetyError("eval: --engine vllm serves transformers model folders (--backend hf)")
+        from ..integrations.vllm import VLLMGenerator, load_llm
+
+        model, processor = None, load_processor(args.model)
+        llm = load_llm(model_path, dtype=args.dtype, max_model_len=args.max_model_len)
+        generator = VLLMGenerator(llm, processor, settings, model_id=model_path)
+    elif args.backend == "llava":
         from .llava_backend import LlavaGenerator, load_llava_model
 
         model, tokenizer, image_processor = load_llava_model(args.model, args.model_base, args.device, dtype)
@@ -128,6 +136,10 @@ def add_eval_command(sub: Any) -> None:
     p.add_argument("--backend", choices=["hf", "llava"], default="hf",
                    help="hf: a transformers model (Llava, LlavaNext, Qwen2-VL, ...); llava: a LLaVA-framework checkpoint "
                         "(haotian-liu/LLaVA, loaded with its load_pretrained_model)")
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                   help="hf: transformers' generate; vllm: serve the model with vLLM (throughput for large runs; steering "
+                        "in vLLM's serving mode: positions 'all', dataset-level; see docs/serving.md)")
+    p.add_argument("--max-model-len", type=int, help="--engine vllm: the engine's context length (default: the model's)")
     p.add_argument("--model-base", help="--backend llava: the base LLM of a LoRA / projector-only checkpoint")
     p.add_argument("--conv-mode", default="vicuna_v1", help="--backend llava: conversation template (default vicuna_v1, LLaVA-1.5)")
     p.add_argument("--benchmark", action="append", metavar="NAME[,key=value...]:PATH",

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from ..compat import processor_has_chat_template_api
+from ..errors import ConfigError, DataError
 from ..loading import open_image
 from .examples import Example
-from ..errors import ConfigError, DataError
 
 #: LLaVA-1.5's conversation format, used when the processor has no chat template
 DEFAULT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"

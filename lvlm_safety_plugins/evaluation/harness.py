@@ -191,7 +191,12 @@ def generate_all(generator: Any, examples: Mapping[str, Sequence[Example]], runs
             todo = {bench: items for bench, items in todo.items() if items}
         if not todo:
             continue
-        steering = runtime.steering(model) if runtime is not None else contextlib.nullcontext()
+        if runtime is None:
+            steering: Any = contextlib.nullcontext()
+        elif hasattr(generator, "steering"):  # an engine with its own model (vLLM): steering goes in there
+            steering = generator.steering(runtime)
+        else:
+            steering = runtime.steering(model)
         with steering:
             for bench, items in todo.items():
                 total = len(examples[bench])

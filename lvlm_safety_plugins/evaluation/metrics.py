@@ -22,6 +22,7 @@ import math
 import re
 from collections import defaultdict
 from typing import Any, Sequence
+
 from ..errors import DataError
 
 #: the 97.5% quantile of the standard normal distribution (two-sided 95%)

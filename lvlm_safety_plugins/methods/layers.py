@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from typing import Any
+
 from ..errors import LayerError
 
 

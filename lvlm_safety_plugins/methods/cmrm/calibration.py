@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 
 from ...adapters import get_adapter
 from ...capture import HiddenCapture
+from ...errors import DataError
 from ...loading import DataFileError, open_image, read_records
 from ...steering import steer, vector_edit
 from .config import alpha_by_layer
 from .vectorfile import SteeringVectors, model_fingerprint
-from ...errors import DataError
 
 
 def _option(config: Any, key: str, default: Any) -> Any:

@@ -32,7 +32,8 @@ from ... import compat
 from ...adapters import ModelAdapter, get_adapter
 from ...capture import pool, run_to_layer
 from ...errors import ConfigError, LVLMSafetyError
-from ...steering import SteeringHandle, SteeringStep, apply as apply_edit, unsteered, vector_edit
+from ...steering import SteeringHandle, SteeringStep, unsteered, vector_edit
+from ...steering import apply as apply_edit
 from .calibration import measure_mask, measure_states
 from .config import alpha_by_layer
 from .vectorfile import SteeringVectors

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ...adapters.base import layer_hidden, replace_layer_hidden
-from .loss import nested_rate
 from ...errors import ConfigError
+from .loss import nested_rate
 
 
 class SharedUniform:

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
 from ...errors import ConfigError, DataError
 
 TARGETS = ("ultra", "best", "first")
