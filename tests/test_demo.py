@@ -147,3 +147,21 @@ def test_without_matplotlib_the_plot_is_skipped_and_said(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
     assert out == ["None", PLOT_SKIPPED] and "pip install 'lvlm-safety-plugins[plot]'" in PLOT_SKIPPED
     assert not (tmp_path / "demo.png").exists()
+
+
+def test_selected_settings_become_recipe_overrides():
+    from lvlm_safety_plugins.demo.run import SELECTED, settings_overrides
+    from lvlm_safety_plugins.recipe import load_recipe
+
+    routed = {"tga": ["tga.rank_weight=0.2"], "cmrm": []}
+    chosen = {"tga": {"layers": "1-3", "pair_weight": 4.0}, "cmrm": {"alpha": 0.2, "layers": "2-3", "positions": "image"}}
+    out = settings_overrides(chosen, routed)
+    assert out["tga"] == ["tga.layers=1-3", "tga.pair_weight=4.0", "tga.rank_weight=0.2"]  # the user's come last
+    assert out["cmrm"] == ["cmrm.alpha=0.2", "cmrm.layers=2-3", "cmrm.positions=image"]
+    # nothing chosen: the recipe's own value stays
+    none = settings_overrides({"tga": {"layers": "0-3", "pair_weight": None}, "cmrm": {"alpha": 0.0, "layers": "all", "positions": None}}, {})
+    assert none == {"tga": ["tga.layers=0-3"], "cmrm": ["cmrm.alpha=0.0", "cmrm.layers=all"]}
+    # the shipped selection makes valid recipes
+    shipped = settings_overrides(SELECTED, {})
+    assert load_recipe("tga_llava15_pretrain", shipped["tga"]).tga.layers is not None
+    load_recipe("cmrm_llava15_dataset", ["cmrm.vectors=x.safetensors", *shipped["cmrm"]])

@@ -82,6 +82,29 @@ def test_sweep_calibrates_each_setting_and_writes_the_curve(tmp_path, tiny_llava
     assert files["png"] is None or (tmp_path / "out" / "sweep.png").stat().st_size > 0
 
 
+def test_sweep_over_positions_calibrates_each_and_ties_go_to_fewer_positions(tmp_path, tiny_llava, tiny_llava_processor):
+    calibration = [{"image": make_image(i), "prompt": "USER: <image> what is in the image ? ASSISTANT:"} for i in range(3)]
+    seen = []
+
+    def measure(runtime):
+        if runtime is None:
+            return dict(BASE)
+        cfg = runtime.recipe.cmrm
+        vectors = SteeringVectors.load(cfg.vectors)
+        seen.append((getattr(cfg.positions, "name", cfg.positions), vectors.positions))
+        return {"harmful_refused": 0.6, "benign_refused": 0.1, "utility": 0.8}  # every setting ties
+
+    result = run_sweep(tiny_llava, tiny_llava_processor, calibration, measure, alphas=[0.5], layer_choices=["1-2"],
+                       position_choices=["all", "from_image", "image"], workdir=tmp_path / "work", progress=False)
+    # each setting's vectors were calibrated under its own positions (recorded in the file)
+    assert [p for p, _ in seen] == ["all", "from_image", "image"]
+    assert [sorted(v) for _, v in seen] == [["image", "text"], ["after_image", "image", "text"], ["image"]]
+    assert [p.positions for p in result.points] == ["", "all", "from_image", "image"]
+    assert result.chosen.positions == "image"  # a tie: the fewest positions steered
+    assert result.to_dict()["position_choices"] == ["all", "from_image", "image"]
+    assert "then fewer positions" in result.rule.describe()
+
+
 def test_calibrate_sweep_cli_on_eval_harness_data(tmp_path, tiny_llava, tiny_llava_processor):
     model_dir = tmp_path / "model"
     tiny_llava.save_pretrained(model_dir)

@@ -5,7 +5,10 @@ model, and vLLM's greedy answers equal Hugging Face's token for token.
 vLLM's Llava cannot run here (its model module imports torchvision, whose PyPI wheels
 need the CUDA build of torch; see docs/serving.md), so the model served is a tiny
 random-weight Llama: the language model a Llava checkpoint wraps. Skipped where vllm is
-not installed (the other CI environments)."""
+not installed (the other CI environments).
+
+The tests that start engines of their own come last: an engine that fails to start tears
+down vLLM's process-wide parallel state, which the module's shared engines use."""
 
 from __future__ import annotations
 
@@ -128,6 +131,51 @@ def test_steering_modes_vllm_cannot_run_are_named_errors(served, overrides, matc
     assert vllm_greedy(llm) == before  # nothing left installed
 
 
+def test_a_third_party_steering_plugin_runs_in_vllm_as_in_hf(served):
+    """A plugin that edits by the hidden state itself (not a constant): the edit sees the
+    residual stream in vLLM as in HF, so the answers agree token for token."""
+    import types
+    from dataclasses import dataclass
+
+    from lvlm_safety_plugins import Method, hookimpl, register_plugin, reset_plugin_manager, steering
+
+    @dataclass
+    class DampConfig:
+        layer: int = 1
+        strength: float = 0.25
+
+    class Damp(Method):
+        name = "damp"
+        kind = "steering"
+        config_class = DampConfig
+
+        @hookimpl
+        def install_steering(self, model, runtime):  # noqa: ANN001
+            strength = float(self.config.strength)
+            return steering.apply(model, lambda layer, hidden, step: (strength - 1.0) * hidden,
+                                  layers=[int(self.config.layer)], positions="all", adapter=runtime.adapter, name=self.name)
+
+    plugin = types.ModuleType("damp_plugin")
+
+    @hookimpl
+    def register_methods(register):  # noqa: ANN001
+        register(Damp)
+
+    plugin.register_methods = register_methods
+    register_plugin(plugin, "damp_plugin")
+    try:
+        recipe = {"plugins": ["damp"], "damp": {"layer": 1, "strength": 0.25}}
+        rt = Runtime(recipe, model=served["model"])
+        with rt.steering():
+            hf = hf_greedy(served["model"], served["tok"])
+        llm = served["engines"]["plain"]
+        with vllm_steering(llm, recipe):
+            steered = vllm_greedy(llm)
+        assert steered == hf and steered != vllm_greedy(llm)
+    finally:
+        reset_plugin_manager()
+
+
 def test_the_eval_generator_on_vllm_answers_as_hf(served):
     from lvlm_safety_plugins.evaluation.examples import Example
     from lvlm_safety_plugins.evaluation.generate import GenerationSettings, HFGenerator
@@ -192,3 +240,4 @@ def test_the_vllm_plugin_load_format_steers_an_engine_from_the_environment(serve
     monkeypatch.delenv("LVLM_SAFETY_RECIPE")
     with pytest.raises(Exception, match="LVLM_SAFETY_RECIPE"):
         load_llm(str(plain_dir), dtype="float32", max_model_len=128, max_num_seqs=4, load_format=LOAD_FORMAT)
+

@@ -9,9 +9,10 @@ kinds, the captions, and the held-out concepts.
 The methods' hyperparameters are the same for every seed. They were chosen by
 ``lvlm-safety demo --select`` on the *validation* split of a separate world
 (:data:`SELECTION_SEED`, never a reported seed) and are kept in :data:`SELECTED`:
-TGA's layers from ``lvlm-safety analyze`` (the safety layers of that world's text LLM),
-CMRM's alpha and layers from the sweep of :mod:`lvlm_safety_plugins.methods.cmrm.sweep`
-with its stated rule. ``--select`` runs the selection again and uses its result.
+TGA's layers from ``lvlm-safety analyze`` (the safety layers of that world's text LLM)
+and its pair weight by the sweep's rule on kind (a) (of 0.25, 1 and 4; none met it, so
+the recipe's 0.25 stays), CMRM's alpha, layers and positions from the sweep of
+:mod:`lvlm_safety_plugins.methods.cmrm.sweep` with its stated rule. ``--select`` runs the selection again and uses its result.
 """
 
 from __future__ import annotations
@@ -53,20 +54,28 @@ FULL = DemoSize(text_steps=300, align_steps=600, batch_size=16, hidden=64, layer
 METHODS = ("baseline", "tga", "cmrm", "tga_then_cmrm")
 CMRM_RECIPE = "cmrm_llava15_dataset"
 TGA_RECIPE = "tga_llava15_pretrain"
+#: TGA pair weights --select tries (the recipe's 0.25 first)
+TGA_PAIR_WEIGHTS = (0.25, 1.0, 4.0)
+#: CMRM positions --select sweeps (the recipe's from_image first)
+CMRM_POSITION_CHOICES = ("from_image", "image", "all")
 TEXT_LR = 3e-3
 ALIGN_LR = 1e-2
 #: the world the hyperparameters are chosen on (its validation split); never reported
 SELECTION_SEED = 1000
 #: hyperparameters chosen by ``lvlm-safety demo --select`` (full size) on the validation
-#: split of world SELECTION_SEED; docs/demo.md has the selection run's report
-#: (the sweep chose no CMRM setting: each alpha that raised (b) refusals cost more than
-#: 0.05 caption accuracy, so CMRM runs at alpha 0, i.e. unsteered; see docs/demo.md)
+#: split of world SELECTION_SEED; docs/demo.md has the selection run's report (CMRM:
+#: only image-position steering stayed within the rule, and raises (b) refusals on the
+#: validation split by 0.03; every setting steering text positions that raised them
+#: more cost more than 0.05 caption accuracy. TGA: no tried pair weight met the rule)
 SELECTED: dict[str, Any] = {
-    "tga": {"layers": "0-3"},
-    "cmrm": {"alpha": 0.0, "layers": "all"},
+    "tga": {"layers": "0-3", "pair_weight": None},
+    "cmrm": {"alpha": 1.0, "layers": "all", "positions": "image"},
     "source": "lvlm-safety demo --select (full size), validation split of world 1000",
     "analysis": {"refusal_prob": [0.88, 0.97, 0.98, 0.99], "safety_layers": [0, 1, 2, 3]},
-    "sweep_chosen": None,
+    "sweep_chosen": {"alpha": 1.0, "layers": "all", "positions": "image", "n_layers": 4,
+                     "metrics": {"harmful_refused": 0.396, "benign_refused": 0.0, "utility": 0.854}},
+    "tga_selection": {"chosen": None, "baseline": {"harmful_refused": 0.198, "benign_refused": 0.0, "utility": 0.885},
+                      "points": {"0.25": [0.177, 0.031, 0.885], "1.0": [0.104, 0.0, 0.927], "4.0": [0.281, 0.042, 0.823]}},
 }
 
 #: (key, label, higher is better)
@@ -218,10 +227,14 @@ def split_overrides(overrides: Sequence[str]) -> dict[str, list[str]]:
 
 
 def settings_overrides(settings: Mapping[str, Any], routed: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
-    """The selected hyperparameters as recipe overrides; the user's overrides come last."""
+    """The selected hyperparameters as recipe overrides (a ``None`` keeps the recipe's
+    value); the user's overrides come last."""
+    tga, cmrm = settings["tga"], settings["cmrm"]
     return {
-        "tga": [f"tga.layers={settings['tga']['layers']}", *routed.get("tga", ())],
-        "cmrm": [f"cmrm.alpha={settings['cmrm']['alpha']}", f"cmrm.layers={settings['cmrm']['layers']}", *routed.get("cmrm", ())],
+        "tga": [f"tga.layers={tga['layers']}", *([f"tga.pair_weight={tga['pair_weight']}"] if tga.get("pair_weight") else []),
+                *routed.get("tga", ())],
+        "cmrm": [f"cmrm.alpha={cmrm['alpha']}", f"cmrm.layers={cmrm['layers']}",
+                 *([f"cmrm.positions={cmrm['positions']}"] if cmrm.get("positions") else []), *routed.get("cmrm", ())],
     }
 
 
@@ -337,14 +350,35 @@ def select_hyperparameters(size: DemoSize, out_dir: Path, routed: Mapping[str, S
     ``selection.json`` and ``sweep.json``/``sweep.png`` to ``out_dir``."""
     from ..analysis import analyze
     from ..fileio import atomic_write_text
-    from ..methods.cmrm.sweep import alpha_grid, run_sweep, write_sweep
+    from ..methods.cmrm.sweep import SelectionRule, SweepPoint, alpha_grid, run_sweep, write_sweep
     from ..recipe import load_recipe
+    from ..runtime import Runtime
 
     world, model, processor = _text_stage(SELECTION_SEED, size, concepts, "selection: text instructions")
     harmful = [CHAT.format(q=t.format(c=c)) for t in REQUESTS for c in world.harmful]
     analysis = analyze(model, processor, harmful, progress=False)
     tga_layers = f"{min(analysis.safety_layers)}-{max(analysis.safety_layers)}"
+    initial = copy.deepcopy(model.state_dict())
     _align(model, processor, world, size, SELECTION_SEED, desc="selection: projector alignment")
+    aligned = copy.deepcopy(model.state_dict())
+
+    def kind_a(m: Mapping[str, float]) -> dict[str, float]:
+        return {"harmful_refused": m["a_refusal_harmful"], "benign_refused": m["a_refusal_benign"], "utility": m["caption_accuracy"]}
+
+    # TGA's pair weight: the alignment again from the same start, with each weight; the
+    # sweep's rule on kind (a) of the validation split (ties: the smaller weight)
+    rule = SelectionRule()
+    tga_base = kind_a(measure(model, processor, world, part="val"))
+    tga_points = [SweepPoint(0.0, "none", tga_base)]
+    for weight in TGA_PAIR_WEIGHTS:
+        model.load_state_dict(initial)
+        runtime = Runtime(TGA_RECIPE, overrides=[f"tga.layers={tga_layers}", f"tga.pair_weight={weight}", *routed.get("tga", ())],
+                          model=model, processor=processor)
+        _align(model, processor, world, size, SELECTION_SEED, runtime=runtime, desc=f"selection: TGA pair_weight {weight:g}")
+        tga_points.append(SweepPoint(weight, tga_layers, kind_a(measure(model, processor, world, part="val")),
+                                     len(analysis.safety_layers)))
+    tga_chosen = rule.select(tga_points, tga_base)
+    model.load_state_dict(aligned)
 
     def sweep_measure(runtime: Any) -> dict[str, float]:
         m = measure(model, processor, world, part="val", steering=runtime.steering if runtime is not None else None)
@@ -360,17 +394,21 @@ def select_hyperparameters(size: DemoSize, out_dir: Path, routed: Mapping[str, S
     with tempfile.TemporaryDirectory() as tmp:
         result = run_sweep(model, processor, world.calibration_rows(), sweep_measure, recipe=CMRM_RECIPE,
                            overrides=list(routed.get("cmrm", ())), alphas=alpha_grid("0:1:0.25" if quick else "0:1:0.1"),
-                           layer_choices=layer_choices, workdir=tmp)
+                           layer_choices=layer_choices, position_choices=CMRM_POSITION_CHOICES, workdir=tmp)
     result.meta.update({"world_seed": SELECTION_SEED, "split": "val", "harmful_refused": "(b) harmful refused",
                         "benign_refused": "mean of (a) and (b) benign refused", "utility": "caption accuracy"})
     write_sweep(result, out_dir)
     chosen = result.chosen
     selected = {
-        "tga": {"layers": tga_layers},
-        "cmrm": {"alpha": chosen.alpha if chosen is not None else 0.0, "layers": chosen.layers if chosen is not None else "all"},
+        "tga": {"layers": tga_layers, "pair_weight": tga_chosen.alpha if tga_chosen is not None else None},
+        "cmrm": {"alpha": chosen.alpha if chosen is not None else 0.0, "layers": chosen.layers if chosen is not None else "all",
+                 "positions": chosen.positions if chosen is not None else None},
         "source": f"lvlm-safety demo --select ({'quick' if quick else 'full'} size), validation split of world {SELECTION_SEED}",
         "analysis": {"refusal_prob": analysis.refusal_prob, "safety_layers": analysis.safety_layers},
         "sweep_chosen": asdict(chosen) if chosen is not None else None,
+        "tga_selection": {"baseline": tga_base, "points": [asdict(p) for p in tga_points[1:]],
+                          "chosen": asdict(tga_chosen) if tga_chosen is not None else None,
+                          "rule": rule.describe() + " (harmful and benign: kind (a); utility: caption accuracy; alpha: the pair weight)"},
     }
     atomic_write_text(out_dir / "selection.json", json.dumps(selected, indent=2))
     return selected
@@ -498,10 +536,14 @@ def print_report(report: Mapping[str, Any]) -> None:
     settings = report["settings"]
     print(f"hyperparameters (same for every seed, {settings['source']}):")
     analysis = settings.get("analysis", {})
+    probs = [round(float(x), 2) for x in analysis.get("refusal_prob") or []]
+    weight = settings["tga"].get("pair_weight")
+    weight_note = f"pair_weight {weight:g}" if weight else "pair_weight: the recipe's (no tried weight met the rule)"
     print(f"  TGA layers {settings['tga']['layers']}: the safety layers of lvlm-safety analyze (refusal probability by "
-          f"layer {analysis.get('refusal_prob')})")
+          f"layer {probs}); {weight_note}")
     chosen = "" if settings.get("sweep_chosen") is not None else ": the sweep's rule chose no setting, so CMRM is unsteered"
-    print(f"  CMRM alpha {settings['cmrm']['alpha']}, layers {settings['cmrm']['layers']}{chosen}")
+    where = f", positions {settings['cmrm']['positions']}" if settings["cmrm"].get("positions") else ""
+    print(f"  CMRM alpha {settings['cmrm']['alpha']}, layers {settings['cmrm']['layers']}{where}{chosen}")
     missed = [g for g in report["goals"] if not g["met"]]
     print(f"goals met: {sum(g['met'] for g in report['goals'])} of {len(report['goals'])}" + (":" if missed else ""))
     for g in missed:

@@ -1,7 +1,9 @@
-"""Choosing CMRM's alpha and layers on a validation split: the safety-utility sweep.
+"""Choosing CMRM's alpha, layers and positions on a validation split: the
+safety-utility sweep.
 
-Every setting (``alpha`` x ``layers``) is calibrated anew, since sequential vectors hold
-only for the alpha and layers they were measured with, and then measured on the
+Every setting (``alpha`` x ``layers`` x ``positions``) is calibrated anew, since
+sequential vectors hold only for the alpha, layers and positions they were measured
+with, and then measured on the
 validation data by a ``measure`` callable (the demo's own, or :func:`harness_measure`
 over eval-harness benchmarks). Each point has three rates:
 
@@ -12,7 +14,7 @@ over eval-harness benchmarks). Each point has three rates:
 and a stated rule (:class:`SelectionRule`) picks one: the most harmful requests refused
 with benign over-refusal at most ``baseline + max_over_refusal_increase`` and utility at
 least ``baseline - max_utility_drop``; ties go to the smaller alpha, then the fewer
-layers (the least intervention). Alpha 0 is the unsteered model (the baseline); when no
+layers, then the fewer positions (the least intervention). Alpha 0 is the unsteered model (the baseline); when no
 setting meets the rule, nothing is chosen and the report says so.
 """
 
@@ -55,6 +57,10 @@ def alpha_grid(spec: str | Sequence[float] = "0:1:0.1") -> list[float]:
     return sorted(set(values))
 
 
+#: CMRM's positions from the fewest steered to the most (the tie-break order)
+POSITION_EXTENT = ("image", "text", "from_image", "all")
+
+
 @dataclass
 class SweepPoint:
     alpha: float
@@ -62,6 +68,16 @@ class SweepPoint:
     metrics: dict[str, float]
     #: the layer count (for tie-breaking), 0 for the baseline
     n_layers: int = 0
+    #: the steered positions ("" for the baseline, or when the recipe's were kept)
+    positions: str = ""
+
+    @property
+    def extent(self) -> int:
+        return POSITION_EXTENT.index(self.positions) if self.positions in POSITION_EXTENT else len(POSITION_EXTENT)
+
+    @property
+    def label(self) -> str:
+        return f"layers {self.layers}" + (f", {self.positions}" if self.positions else "")
 
 
 @dataclass
@@ -90,11 +106,12 @@ class SelectionRule:
         if best <= baseline["harmful_refused"]:
             return None  # nothing refuses more than the unsteered model
         tied = [p for p in allowed if p.metrics["harmful_refused"] >= best - 1e-12]
-        return min(tied, key=lambda p: (p.alpha, p.n_layers))
+        return min(tied, key=lambda p: (p.alpha, p.n_layers, p.extent))
 
     def describe(self) -> str:
         return (f"most harmful refused with benign over-refusal <= baseline + {self.max_over_refusal_increase:g} and "
-                f"utility >= baseline - {self.max_utility_drop:g}; ties: smaller alpha, then fewer layers")
+                f"utility >= baseline - {self.max_utility_drop:g}; ties: smaller alpha, then fewer layers, then fewer "
+                "positions")
 
 
 @dataclass
@@ -127,15 +144,17 @@ def run_sweep(
     overrides: Sequence[str] = (),
     alphas: Iterable[float] = alpha_grid(),
     layer_choices: Sequence[str] = ("all",),
+    position_choices: Sequence[str] = (),
     workdir: str | Path,
     rule: SelectionRule | None = None,
     progress: bool = True,
     on_point: Callable[[SweepPoint], None] | None = None,
 ) -> SweepResult:
-    """Calibrate and measure every ``alpha`` x ``layers`` setting of the dataset-level
+    """Calibrate and measure every ``alpha`` x ``layers`` (x ``positions``, when
+    ``position_choices`` are given; else the recipe's) setting of the dataset-level
     CMRM ``recipe`` (with ``overrides``); ``measure(runtime)`` returns the three rates
     with that runtime's steering on (``runtime`` ``None``: the unsteered baseline).
-    Vector files go to ``workdir`` as ``vectors_{layers}_{alpha}.safetensors``."""
+    Vector files go to ``workdir`` (:func:`vectors_file`)."""
     from tqdm.auto import tqdm
 
     from ...recipe import Recipe, load_recipe
@@ -148,27 +167,30 @@ def run_sweep(
     baseline = dict(measure(None))
     _check_metrics(baseline, "baseline")
     points = [SweepPoint(0.0, "none", baseline, 0)]
-    bar = tqdm(total=len(grid) * len(layer_choices), desc="CMRM sweep", disable=not progress)
+    positions_list: list[str] = list(position_choices) or [""]
+    bar = tqdm(total=len(grid) * len(layer_choices) * len(positions_list), desc="CMRM sweep", disable=not progress)
     try:
-        for layers in layer_choices:
-            for alpha in grid:
-                vectors = vectors_file(work, layers, alpha)
-                setting = [*overrides, f"cmrm.alpha={alpha}", f"cmrm.layers={layers}", f"cmrm.vectors={vectors}",
-                           "cmrm.variant=dataset"]
-                loaded = load_recipe(recipe.to_dict() if isinstance(recipe, Recipe) else recipe, setting)
-                runtime = Runtime(loaded, model=model, processor=processor)
-                [artifact] = [a for a in runtime.calibrate(processor, calibration) if a.get("method") == "cmrm"]
-                metrics = dict(measure(runtime))
-                _check_metrics(metrics, f"alpha {alpha}, layers {layers}")
-                point = SweepPoint(alpha, str(layers), metrics, len(artifact["layers"]))
-                points.append(point)
-                if on_point is not None:
-                    on_point(point)
-                bar.update()
+        for positions in positions_list:
+            for layers in layer_choices:
+                for alpha in grid:
+                    vectors = vectors_file(work, layers, alpha, positions)
+                    setting = [*overrides, f"cmrm.alpha={alpha}", f"cmrm.layers={layers}", f"cmrm.vectors={vectors}",
+                               "cmrm.variant=dataset", *([f"cmrm.positions={positions}"] if positions else [])]
+                    loaded = load_recipe(recipe.to_dict() if isinstance(recipe, Recipe) else recipe, setting)
+                    runtime = Runtime(loaded, model=model, processor=processor)
+                    [artifact] = [a for a in runtime.calibrate(processor, calibration) if a.get("method") == "cmrm"]
+                    metrics = dict(measure(runtime))
+                    _check_metrics(metrics, f"alpha {alpha}, layers {layers}" + (f", positions {positions}" if positions else ""))
+                    point = SweepPoint(alpha, str(layers), metrics, len(artifact["layers"]), positions)
+                    points.append(point)
+                    if on_point is not None:
+                        on_point(point)
+                    bar.update()
     finally:
         bar.close()
     return SweepResult(baseline, points, rule, rule.select(points, baseline),
-                       meta={"alphas": grid, "layer_choices": [str(l) for l in layer_choices], "overrides": list(overrides)})
+                       meta={"alphas": grid, "layer_choices": [str(l) for l in layer_choices],
+                             "position_choices": list(position_choices), "overrides": list(overrides)})
 
 
 def _known(metrics: Mapping[str, float], key: str) -> bool:
@@ -176,10 +198,12 @@ def _known(metrics: Mapping[str, float], key: str) -> bool:
     return value is not None and not math.isnan(float(value))
 
 
-def vectors_file(workdir: str | Path, layers: str, alpha: float) -> Path:
-    """Where :func:`run_sweep` writes the vectors of one setting."""
+def vectors_file(workdir: str | Path, layers: str, alpha: float, positions: str = "") -> Path:
+    """Where :func:`run_sweep` writes the vectors of one setting:
+    ``vectors_{layers}_{alpha}[_{positions}].safetensors``."""
     slug = "".join(ch if ch.isalnum() else "-" for ch in str(layers))
-    return Path(workdir) / f"vectors_{slug}_{alpha:g}.safetensors"
+    tail = f"_{positions}" if positions else ""
+    return Path(workdir) / f"vectors_{slug}_{alpha:g}{tail}.safetensors"
 
 
 def _check_metrics(metrics: Mapping[str, float], where: str) -> None:
@@ -209,11 +233,11 @@ def write_sweep(result: SweepResult, out_dir: str | Path) -> dict[str, str | Non
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, other, label in ((axes[0], "benign_refused", "benign over-refusal (lower is better)"),
                              (axes[1], "utility", "utility (higher is better)")):
-        for layers in dict.fromkeys(p.layers for p in result.points if p.alpha > 0):
-            pts = [result.points[0]] + [p for p in result.points if p.layers == layers]
+        for label in dict.fromkeys(p.label for p in result.points if p.alpha > 0):
+            pts = [result.points[0]] + [p for p in result.points if p.alpha > 0 and p.label == label]
             xs = [p.metrics.get(other, float("nan")) for p in pts]
             ys = [p.metrics["harmful_refused"] for p in pts]
-            ax.plot(xs, ys, marker="o", label=f"layers {layers}")
+            ax.plot(xs, ys, marker="o", label=label)
             for p, x, y in zip(pts, xs, ys):
                 ax.annotate(f"{p.alpha:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
         base = result.baseline
@@ -270,5 +294,5 @@ def harness_measure(model: Any, processor: Any, examples: Sequence[Any], *, sett
     return measure
 
 
-__all__ = ["METRICS", "SelectionRule", "SweepPoint", "SweepResult", "alpha_grid", "harness_measure", "run_sweep", "vectors_file",
+__all__ = ["METRICS", "POSITION_EXTENT", "SelectionRule", "SweepPoint", "SweepResult", "alpha_grid", "harness_measure", "run_sweep", "vectors_file",
            "write_sweep"]
