@@ -23,6 +23,23 @@ def point(alpha, harmful, benign, utility, layers="all", n=4):
 BASE = {"harmful_refused": 0.30, "benign_refused": 0.10, "utility": 0.80}
 
 
+def calibration_rows():
+    return [{"image": make_image(i), "prompt": "USER: <image> what is in the image ? ASSISTANT:"} for i in range(3)]
+
+
+def recording_measure(seen, rates):
+    """A measure that records ``(cmrm config, the vectors installed)`` and returns
+    ``rates(alpha)`` (the baseline's for the unsteered model)."""
+    def measure(runtime):
+        if runtime is None:
+            return dict(BASE)
+        cfg = runtime.recipe.cmrm
+        seen.append((cfg, SteeringVectors.load(cfg.vectors)))
+        return rates(float(cfg.alpha))
+
+    return measure
+
+
 def test_alpha_grid():
     assert alpha_grid("0:1:0.1") == [round(0.1 * i, 6) for i in range(11)]
     assert alpha_grid("0.5,0.2,0.5") == [0.2, 0.5]
@@ -53,22 +70,14 @@ def test_rule_picks_the_most_refusal_within_both_limits():
 
 
 def test_sweep_calibrates_each_setting_and_writes_the_curve(tmp_path, tiny_llava, tiny_llava_processor):
-    calibration = [{"image": make_image(i), "prompt": "USER: <image> what is in the image ? ASSISTANT:"} for i in range(3)]
-    seen = []
-
-    def measure(runtime):
-        """Made-up rates that grow with alpha, read off the vectors actually installed."""
-        if runtime is None:
-            return dict(BASE)
-        cfg = runtime.recipe.cmrm
-        vectors = SteeringVectors.load(cfg.vectors)
-        seen.append((float(cfg.alpha), vectors.alpha, vectors.layers))
-        a = float(cfg.alpha)
-        return {"harmful_refused": 0.3 + 0.6 * a, "benign_refused": 0.1 + 0.1 * a, "utility": 0.8 - 0.05 * a}
-
-    result = run_sweep(tiny_llava, tiny_llava_processor, calibration, measure, alphas=[0.0, 0.25, 0.5, 1.0],
+    recorded = []
+    # made-up rates that grow with alpha
+    measure = recording_measure(recorded, lambda a: {"harmful_refused": 0.3 + 0.6 * a, "benign_refused": 0.1 + 0.1 * a,
+                                                     "utility": 0.8 - 0.05 * a})
+    result = run_sweep(tiny_llava, tiny_llava_processor, calibration_rows(), measure, alphas=[0.0, 0.25, 0.5, 1.0],
                        layer_choices=["all", "1-2"], workdir=tmp_path / "work", progress=False)
     # every setting calibrated anew at its own alpha and layers (sequential vectors)
+    seen = [(float(cfg.alpha), v.alpha, v.layers) for cfg, v in recorded]
     assert [(a, tuple(v), tuple(l)) for a, v, l in seen] == [
         (0.25, (0.25,) * 4, (0, 1, 2, 3)), (0.5, (0.5,) * 4, (0, 1, 2, 3)), (1.0, (1.0,) * 4, (0, 1, 2, 3)),
         (0.25, (0.25,) * 2, (1, 2)), (0.5, (0.5,) * 2, (1, 2)), (1.0, (1.0,) * 2, (1, 2))]
@@ -83,20 +92,12 @@ def test_sweep_calibrates_each_setting_and_writes_the_curve(tmp_path, tiny_llava
 
 
 def test_sweep_over_positions_calibrates_each_and_ties_go_to_fewer_positions(tmp_path, tiny_llava, tiny_llava_processor):
-    calibration = [{"image": make_image(i), "prompt": "USER: <image> what is in the image ? ASSISTANT:"} for i in range(3)]
-    seen = []
-
-    def measure(runtime):
-        if runtime is None:
-            return dict(BASE)
-        cfg = runtime.recipe.cmrm
-        vectors = SteeringVectors.load(cfg.vectors)
-        seen.append((getattr(cfg.positions, "name", cfg.positions), vectors.positions))
-        return {"harmful_refused": 0.6, "benign_refused": 0.1, "utility": 0.8}  # every setting ties
-
-    result = run_sweep(tiny_llava, tiny_llava_processor, calibration, measure, alphas=[0.5], layer_choices=["1-2"],
+    recorded = []
+    measure = recording_measure(recorded, lambda a: {"harmful_refused": 0.6, "benign_refused": 0.1, "utility": 0.8})  # all tie
+    result = run_sweep(tiny_llava, tiny_llava_processor, calibration_rows(), measure, alphas=[0.5], layer_choices=["1-2"],
                        position_choices=["all", "from_image", "image"], workdir=tmp_path / "work", progress=False)
     # each setting's vectors were calibrated under its own positions (recorded in the file)
+    seen = [(getattr(cfg.positions, "name", cfg.positions), v.positions) for cfg, v in recorded]
     assert [p for p, _ in seen] == ["all", "from_image", "image"]
     assert [sorted(v) for _, v in seen] == [["image", "text"], ["after_image", "image", "text"], ["image"]]
     assert [p.positions for p in result.points] == ["", "all", "from_image", "image"]
