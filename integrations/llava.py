@@ -207,8 +207,7 @@ def apply_steering(model: Any, recipe: Recipe | str | Mapping[str, Any], overrid
 
     runtime = Runtime(recipe, overrides=overrides, model=model,
                       processor=SimpleNamespace(tokenizer=tokenizer, image_processor=image_processor), tokenizer=tokenizer)
-    for result in runtime.hook.install_steering(model=model, runtime=runtime):
-        _inference_handles.extend(result if isinstance(result, (list, tuple)) else [result])
+    _inference_handles.extend(runtime.install_steering())
     return runtime
 
 

@@ -34,7 +34,7 @@ import copy
 import functools
 import os
 import uuid
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..errors import ConfigError, DependencyError
 from ..evaluation.examples import Example
@@ -73,19 +73,11 @@ def _check_eager(llm: Any) -> None:
         )
 
 
-def _install(recipe: Mapping[str, Any], token: str, model: Any) -> list[str]:
+def _install(recipe: Any, token: str, model: Any, overrides: Sequence[str] = ()) -> list[str]:
     """In vLLM's worker: the recipe's steering on its model (module-level: picklable)."""
     from ..runtime import Runtime
 
-    runtime = Runtime(dict(recipe), model=model)
-    handles: list[Any] = []
-    try:
-        for result in runtime.hook.install_steering(model=model, runtime=runtime):
-            handles.extend(result if isinstance(result, (list, tuple)) else [result])
-    except BaseException:
-        for handle in reversed(handles):
-            handle.remove()
-        raise
+    handles = Runtime(recipe, overrides=overrides, model=model).install_steering()
     _INSTALLED[token] = handles
     return [repr(h) for h in handles]
 
@@ -105,13 +97,12 @@ def vllm_steering(llm: Any, recipe: Any, overrides: Sequence[str] = ()) -> Itera
     ``recipe`` is anything :class:`~lvlm_safety_plugins.runtime.Runtime` takes (or a
     runtime, whose recipe is used). The handles are removed on exit, also when the body
     raises."""
-    from ..recipe import Recipe, load_recipe
+    from ..recipe import as_recipe
     from ..runtime import Runtime
 
     if isinstance(recipe, Runtime):
         recipe = recipe.recipe
-    loaded = recipe if isinstance(recipe, Recipe) and not overrides else load_recipe(
-        recipe.to_dict() if isinstance(recipe, Recipe) else recipe, overrides)
+    loaded = as_recipe(recipe, overrides)
     _check_eager(llm)
     token = uuid.uuid4().hex
     data = loaded.to_dict()
@@ -161,10 +152,7 @@ def register_vllm_plugin() -> None:
             if not getattr(model_config, "enforce_eager", True):
                 raise ServingError(f"--load-format {LOAD_FORMAT} needs --enforce-eager (a CUDA graph never calls the "
                                    "steering hooks)")
-            from ..recipe import load_recipe
-
-            overrides = os.environ.get(ENV_OVERRIDES, "").split()
-            _install(load_recipe(recipe, overrides).to_dict(), LOAD_FORMAT, model)
+            _install(recipe, LOAD_FORMAT, model, os.environ.get(ENV_OVERRIDES, "").split())
             return model
 
     _registered = True

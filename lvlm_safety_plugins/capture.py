@@ -89,6 +89,17 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch.T
     raise CaptureError(f"unknown pooling {how!r}; valid: {', '.join(POOLINGS)}")
 
 
+def _capture_layers(adapter: "ModelAdapter", layers: Iterable[int] | None, pooling: str) -> list[int]:
+    """The resolved layer ids of a capture (``None``: every layer), after checking the
+    pooling; errors are :class:`CaptureError`."""
+    if pooling not in POOLINGS:
+        raise CaptureError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLINGS)}")
+    try:
+        return adapter.resolve_layers(None if layers is None else list(layers))
+    except IndexError as exc:
+        raise CaptureError(str(exc)) from None
+
+
 class HiddenCapture:
     """Capture pooled hidden states at chosen decoder layers for one or more masks.
 
@@ -111,15 +122,10 @@ class HiddenCapture:
         detach: bool = False,
         on_mismatch: str = "raise",
     ) -> None:
-        if pooling not in POOLINGS:
-            raise CaptureError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLINGS)}")
         if on_mismatch not in ("raise", "skip"):
             raise CaptureError(f"on_mismatch must be 'raise' or 'skip', got {on_mismatch!r}")
         self.adapter = adapter
-        try:
-            self.layers = adapter.resolve_layers(None if layers is None else list(layers))
-        except IndexError as exc:
-            raise CaptureError(str(exc)) from None
+        self.layers = _capture_layers(adapter, layers, pooling)
         self.masks: dict[str, torch.Tensor] = {}
         self.pooling = pooling
         self.detach = detach
@@ -250,13 +256,7 @@ class ForwardCapture:
         embeddings: bool = False,
         detach: bool = False,
     ) -> None:
-        if pooling not in POOLINGS:
-            raise CaptureError(f"unknown pooling {pooling!r}; valid: {', '.join(POOLINGS)}")
-        layers = list(layers)
-        try:
-            self.layers: list[int] = adapter.resolve_layers(layers) if layers else []
-        except IndexError as exc:
-            raise CaptureError(str(exc)) from None
+        self.layers = _capture_layers(adapter, list(layers), pooling)  # () captures no states
         self.adapter = adapter
         self.layout = layout
         self.pooling = pooling

@@ -134,26 +134,19 @@ def build_parser(pm: Any = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        parser = build_parser()
-    except LVLMSafetyError as exc:  # a plugin that cannot be loaded or adds a bad command
-        print(f"lvlm-safety: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    args = parser.parse_args(argv)
-    func = getattr(args, "func", None)
-    if func is None:
-        # a group without its subcommand: show that group's help
-        parser.parse_args([args.command, "--help"] if args.command else ["--help"])
-        return 2
-    try:
+        parser = build_parser()  # a plugin that cannot be loaded or adds a bad command fails here
+        args = parser.parse_args(argv)
+        func = getattr(args, "func", None)
+        if func is None:
+            # a group without its subcommand: show that group's help
+            parser.parse_args([args.command, "--help"] if args.command else ["--help"])
+            return 2
         return int(func(args) or 0)
-    except LVLMSafetyError as exc:
-        print(f"lvlm-safety: error: {_one_line(exc)}", file=sys.stderr)
+    except LVLMSafetyError as exc:  # one line, multi-line messages joined
+        message = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+        print(f"lvlm-safety: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # pragma: no cover - interactive
         print("lvlm-safety: interrupted", file=sys.stderr)

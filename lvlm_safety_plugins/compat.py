@@ -211,6 +211,16 @@ def replace_layer_hidden(output: Any, hidden: torch.Tensor) -> Any:
     raise UnsupportedModelError(f"cannot replace the hidden states in a decoder layer output of type {type(output).__name__}")
 
 
+#: the module prefix of vLLM's model classes
+VLLM_MODEL_PREFIX = "vllm.model_executor.models"
+
+
+def is_serving_model(model: Any) -> bool:
+    """True for a model built by vLLM (its class lives in ``vllm.model_executor.models``):
+    the steering primitive steers it in its serving mode."""
+    return type(model).__module__.startswith(VLLM_MODEL_PREFIX)
+
+
 def clip_image_processor_class() -> Any:
     """The CLIP image processor class to build without a warning: transformers 5.x
     falls back from ``CLIPImageProcessor`` (torchvision backend) to

@@ -26,7 +26,7 @@ import enum
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -374,4 +374,18 @@ def recipe_from_dict(data: dict[str, Any], *, name: str = "<dict>", overrides: S
     return recipe
 
 
-__all__ = ["Recipe", "available_recipes", "find_recipe", "load_recipe", "recipe_from_dict"]
+def as_recipe(
+    recipe: "Recipe | str | os.PathLike[str] | Mapping[str, Any]",
+    overrides: Sequence[str] = (),
+    *,
+    pm: "SafetyPluginManager | None" = None,
+) -> Recipe:
+    """A loaded recipe from a name, a path, a mapping with a recipe's keys, or a loaded
+    :class:`Recipe` (returned as it is when there are no ``overrides``), with the
+    ``overrides`` applied."""
+    if isinstance(recipe, Recipe):
+        return load_recipe(recipe.to_dict(), overrides, pm=pm, _name=recipe.name) if overrides else recipe
+    return load_recipe(dict(recipe) if isinstance(recipe, Mapping) else recipe, overrides, pm=pm)
+
+
+__all__ = ["Recipe", "as_recipe", "available_recipes", "find_recipe", "load_recipe", "recipe_from_dict"]

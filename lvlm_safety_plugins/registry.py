@@ -6,6 +6,7 @@ unregistered there (so a lookup never re-runs the hooks)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -23,6 +24,13 @@ ADAPTER_INTERFACE = ("matches", "layout", "decoder_layers", "family", "model_cla
 
 def _pm(pm: SafetyPluginManager | None) -> SafetyPluginManager:
     return pm if pm is not None else get_plugin_manager()
+
+
+def _cached(pm: SafetyPluginManager | None, kind: str, build: Callable[[SafetyPluginManager], Any]) -> Any:
+    """Registry ``kind`` of ``pm`` (built by ``build(pm)`` once per plugin manager), as a
+    shallow copy the caller may change."""
+    manager = _pm(pm)
+    return copy.copy(manager.registry(kind, lambda: build(manager)))
 
 
 def _qualname(obj: Any) -> str:
@@ -47,8 +55,7 @@ def _named_registry(hook: Callable[..., Any], kind: str) -> dict[str, Any]:
 
 def methods(pm: SafetyPluginManager | None = None) -> dict[str, type["Method"]]:
     """Every registered method class by name (the recipe section it reads)."""
-    manager = _pm(pm)
-    return dict(manager.registry("methods", lambda: _collect_methods(manager)))
+    return _cached(pm, "methods", _collect_methods)
 
 
 def _collect_methods(pm: SafetyPluginManager) -> dict[str, type["Method"]]:
@@ -73,8 +80,7 @@ def _collect_methods(pm: SafetyPluginManager) -> dict[str, type["Method"]]:
 
 def adapters(pm: SafetyPluginManager | None = None) -> list[type["ModelAdapter"]]:
     """Every registered adapter class, the one to try first first."""
-    manager = _pm(pm)
-    return list(manager.registry("adapters", lambda: _collect_adapters(manager)))
+    return _cached(pm, "adapters", _collect_adapters)
 
 
 def _collect_adapters(pm: SafetyPluginManager) -> list[type["ModelAdapter"]]:
@@ -97,32 +103,27 @@ def _collect_adapters(pm: SafetyPluginManager) -> list[type["ModelAdapter"]]:
 
 def judges(pm: SafetyPluginManager | None = None) -> dict[str, Callable[..., Any]]:
     """Every registered judge factory by name."""
-    manager = _pm(pm)
-    return dict(manager.registry("judges", lambda: _named_registry(manager.hook.register_judges, "judge")))
+    return _cached(pm, "judges", lambda m: _named_registry(m.hook.register_judges, "judge"))
 
 
 def embedders(pm: SafetyPluginManager | None = None) -> dict[str, Callable[..., Any]]:
     """Every registered embedder factory by spec prefix (``clip``, ``st``, ...)."""
-    manager = _pm(pm)
-    return dict(manager.registry("embedders", lambda: _named_registry(manager.hook.register_embedders, "embedder")))
+    return _cached(pm, "embedders", lambda m: _named_registry(m.hook.register_embedders, "embedder"))
 
 
 def benchmarks(pm: SafetyPluginManager | None = None) -> dict[str, Callable[..., Any]]:
     """Every registered benchmark loader by name."""
-    manager = _pm(pm)
-    return dict(manager.registry("benchmarks", lambda: _named_registry(manager.hook.register_benchmarks, "benchmark")))
+    return _cached(pm, "benchmarks", lambda m: _named_registry(m.hook.register_benchmarks, "benchmark"))
 
 
 def recipe_dirs(pm: SafetyPluginManager | None = None) -> list[Any]:
     """Every registered recipe folder, lowest priority first."""
-    manager = _pm(pm)
-    return list(manager.registry("recipe_dirs", lambda: _collect_recipe_dirs(manager)))
+    return _cached(pm, "recipe_dirs", _collect_recipe_dirs)
 
 
 def commands(pm: SafetyPluginManager | None = None) -> dict[str, Callable[[Any], None]]:
     """Every registered ``lvlm-safety`` subcommand: name -> ``add_command(subparsers)``."""
-    manager = _pm(pm)
-    return dict(manager.registry("commands", lambda: _named_registry(manager.hook.register_commands, "command")))
+    return _cached(pm, "commands", lambda m: _named_registry(m.hook.register_commands, "command"))
 
 
 def _collect_recipe_dirs(pm: SafetyPluginManager) -> list[Any]:

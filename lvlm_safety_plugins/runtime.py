@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Se
 
 from .errors import StepError
 from .plugins import SafetyPluginManager, get_plugin_manager
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, as_recipe
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -185,10 +185,7 @@ class Runtime:
         warn_if_untested()
 
         self.global_pm = pm if pm is not None else get_plugin_manager()
-        if isinstance(recipe, Recipe):
-            self.recipe = load_recipe(recipe.to_dict(), overrides, pm=self.global_pm, _name=recipe.name) if overrides else recipe
-        else:
-            self.recipe = load_recipe(recipe if not isinstance(recipe, Mapping) else dict(recipe), overrides, pm=self.global_pm)
+        self.recipe = as_recipe(recipe, overrides, pm=self.global_pm)
         self.model = model
         #: the host's processor / tokenizer, for plugins that tokenize (set by integrations)
         self.processor = processor
@@ -345,18 +342,35 @@ class Runtime:
         Handles are removed in reverse order on exit, also when the body raises, and
         ``remove_steering`` is called afterwards.
         """
-        if model is not None:
-            self.bind(model)
+        handles = self.install_steering(model)
         target = self.model
-        handles: list[Any] = []
         try:
-            for result in self.hook.install_steering(model=target, runtime=self):
-                handles.extend(result if isinstance(result, (list, tuple)) else [result])
             yield self
         finally:
             for handle in reversed(handles):
                 handle.remove()
             self.hook.remove_steering(model=target, runtime=self)
+
+    def install_steering(self, model: "torch.nn.Module | None" = None) -> list[Any]:
+        """Every plugin's ``install_steering`` on ``model``, one plugin at a time in call
+        order; returns the handles (remove them in reverse order). If a plugin raises,
+        the handles the plugins before it installed are removed before the error
+        propagates, so a failed install leaves the model as it was."""
+        if model is not None:
+            self.bind(model)
+        arguments = {"model": self.model, "runtime": self}
+        handles: list[Any] = []
+        try:
+            # pluggy's own order (it calls the list last to first)
+            for impl in reversed(self.hook.install_steering.get_hookimpls()):
+                result = impl.function(*(arguments[name] for name in impl.argnames))
+                if result is not None:
+                    handles.extend(result if isinstance(result, (list, tuple)) else [result])
+        except BaseException:
+            for handle in reversed(handles):
+                handle.remove()
+            raise
+        return handles
 
     def calibrate(self, processor: Any, dataset: Any, model: "torch.nn.Module | None" = None) -> list[Mapping[str, Any]]:
         """Run every plugin's calibration; returns their artifact descriptions."""

@@ -57,8 +57,7 @@ import torch
 from . import compat
 from .adapters import get_adapter
 from .adapters.base import ModelAdapter, SequenceLayout
-from .errors import LVLMSafetyError, SteeringError
-from .serving import ServingSteeringHandle, is_serving_model
+from .errors import LVLMSafetyError, ServingError, SteeringError
 
 #: the position kinds a steering handle can act on
 POSITION_KINDS = ("image", "text", "generated")
@@ -527,6 +526,90 @@ class SteeringHandle:
                 f"scope={self.scope} {state}>")
 
 
+class ServingSteeringHandle:
+    """Hooks that steer a vLLM model; ``remove()`` takes them off again (the serving
+    mode of :func:`apply`; see :mod:`lvlm_safety_plugins.serving`)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        edit: Any,
+        *,
+        layers: Sequence[int] | None,
+        positions: frozenset[str],
+        prepare: Any,
+        adapter: "ModelAdapter",
+        name: str,
+    ) -> None:
+        if not callable(edit):
+            raise SteeringError(f"edit must be callable (layer, hidden, step) -> delta, got {type(edit).__name__}")
+        if prepare is not None:
+            raise ServingError(
+                f"{name}: sample-level steering (a prepare function that measures every input with its own reference "
+                "forward, as CMRM's sample level does) cannot run inside vLLM: the engine schedules the forward passes, "
+                "and an extra forward per request is not one of them. Use dataset-level vectors (cmrm.variant=dataset) "
+                "or a folded checkpoint (docs/serving.md)"
+            )
+        if positions != frozenset(POSITION_KINDS):
+            raise ServingError(
+                f"{name}: vLLM can steer positions 'all' only, not {sorted(positions)}: it runs prompt chunks and decode "
+                "tokens of many requests in one flattened batch (continuous batching, chunked prefill) and never "
+                "recomputes a cached prefix, so a token's request, prompt length and first image are not known there. "
+                "Set the method's positions to 'all' (e.g. cmrm.positions=all cmrm.apply_to=both) (docs/serving.md)"
+            )
+        self.model = model
+        self.adapter = adapter
+        self.layers = adapter.resolve_layers(layers)
+        self.positions = positions
+        self.edit = edit
+        self.name = name
+        self.scope = "global"
+        self._handles: list[Any] = []
+        decoder = adapter.decoder_layers
+        try:
+            for layer in self.layers:
+                self._handles.append(decoder[layer].register_forward_hook(self._hook(layer)))
+        except BaseException:
+            self.remove()
+            raise
+
+    def _hook(self, layer: int) -> Any:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+            paired = isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], torch.Tensor)
+            hidden = output[0] if isinstance(output, tuple) else output
+            stream = hidden + output[1] if paired else hidden  # the residual stream after this layer
+            rows = stream.reshape(1, -1, stream.shape[-1])
+            step = SteeringStep(phase="serving", past_length=0, inputs={}, memory={}, any=True, full=True,
+                                   mask=torch.ones(rows.shape[:2], dtype=torch.bool, device=rows.device))
+            delta = self.edit(layer, rows, step)
+            if delta is None:
+                return None
+            delta = torch.as_tensor(delta, device=hidden.device).to(hidden.dtype)
+            new = hidden + torch.broadcast_to(delta, rows.shape).reshape(hidden.shape)
+            if isinstance(output, tuple):
+                return (new, *output[1:])
+            return new
+
+        return hook
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __enter__(self) -> "ServingSteeringHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"<ServingSteeringHandle {self.name} layers={self.layers} {'active' if self.active else 'removed'}>"
+
+
 def apply(
     model: torch.nn.Module,
     edit: Edit,
@@ -544,9 +627,7 @@ def apply(
     the :class:`SteeringHandle`. A vLLM model gets the serving mode
     (:class:`lvlm_safety_plugins.serving.ServingSteeringHandle`: positions ``"all"``
     only, no ``prepare``; other modes raise ``ServingError`` saying why)."""
-    if is_serving_model(model):
-        if not callable(edit):
-            raise SteeringError(f"edit must be callable (layer, hidden, step) -> delta, got {type(edit).__name__}")
+    if compat.is_serving_model(model):
         return ServingSteeringHandle(model, edit, layers=layers, positions=resolve_positions(positions), prepare=prepare,
                                      adapter=adapter if adapter is not None else get_adapter(model), name=name)
     return SteeringHandle(model, edit, layers=layers, positions=positions, prepare=prepare, scope=scope,
@@ -623,6 +704,7 @@ def add_vectors(
 
 __all__ = [
     "Edit",
+    "ServingSteeringHandle",
     "POSITION_ALIASES",
     "POSITION_FILTERS",
     "POSITION_KINDS",

@@ -513,3 +513,45 @@ def test_every_public_function_named_in_the_authoring_guide_exists_with_that_sig
             assert key in names, f"`{name}({args})` in docs/plugin-authoring.md: {key!r} is not a parameter ({names})"
         checked += 1
     assert checked >= 12
+
+
+def test_a_failed_steering_install_leaves_no_hook_of_the_plugins_before_it():
+    """Plugins install one at a time: when a later one raises, the handles the earlier
+    ones installed are removed (pluggy's hook call would have dropped them)."""
+    from lvlm_safety_plugins import steering
+
+    model = build_tiny_llava(seed=1)
+    adapter = get_adapter(model)
+
+    def hooks():
+        return [(len(m._forward_hooks), len(m._forward_pre_hooks), "forward" in m.__dict__) for m in model.modules()]
+
+    before = hooks()
+
+    class Adds:
+        @hookimpl
+        def install_steering(self, model, runtime):  # noqa: ANN001
+            return steering.add_vectors(model, {1: torch.ones(adapter.hidden_size)}, adapter=runtime.adapter, name="adds")
+
+    class Fails:
+        @hookimpl(trylast=True)
+        def install_steering(self, model):  # noqa: ANN001 - fewer arguments than the spec, as pluggy allows
+            raise RuntimeError("cannot steer")
+
+    pm = create_plugin_manager(autoload=False)
+    pm.register(Adds(), "adds")
+    pm.register(Fails(), "fails")
+    rt = Runtime({"plugins": []}, model=model, pm=pm)
+    with pytest.raises(PluginError, match="cannot steer"):
+        rt.install_steering()
+    assert hooks() == before
+    with pytest.raises(PluginError, match="cannot steer"):
+        with rt.steering():
+            pass
+    assert hooks() == before
+    # without the failing plugin: installed, then removed
+    pm.unregister(name="fails")
+    rt = Runtime({"plugins": []}, model=model, pm=pm)
+    with rt.steering():
+        assert hooks() != before
+    assert hooks() == before
