@@ -279,6 +279,41 @@ def test_vector_files_round_trip_and_every_bad_case(tmp_path, tiny_llava):
     assert not list(tmp_path.glob("*half*"))
 
 
+def test_apply_to_prompt_steers_the_prefill_and_leaves_decode_steps_alone(tiny_llava, tiny_llava_processor):
+    """``apply_to: prompt`` against hand-written hooks: the prompt's positions (all of
+    them, one unpadded row) get ``alpha * v`` subtracted in the prefill forward; the
+    decode steps (one new position each) run unsteered on that steered cache."""
+    enc = tiny_llava_processor(text=[PROMPTS[0]], images=[make_image(3)], return_tensors="pt")
+    vectors = random_vectors(tiny_llava)
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True,
+               return_dict_in_generate=True)
+    adapter = get_adapter(tiny_llava)
+    with torch.no_grad():
+        with steer(tiny_llava, vectors, alpha=0.5, positions="all", apply_to="prompt"):
+            got = tiny_llava.generate(**enc, **gen)
+        with steer(tiny_llava, vectors, alpha=0.5, positions="all", apply_to="both"):
+            both = tiny_llava.generate(**enc, **gen)
+        handles = []
+        for layer, v in vectors.vectors.items():
+            def prefill_only(module, args, output, v=v):
+                h = output if isinstance(output, torch.Tensor) else output[0]
+                if h.shape[1] == 1:  # a decode step
+                    return None
+                h = h - 0.5 * v
+                return h if isinstance(output, torch.Tensor) else (h, *output[1:])
+            handles.append(adapter.decoder_layers[layer].register_forward_hook(prefill_only, prepend=True))
+        try:
+            want = tiny_llava.generate(**enc, **gen)
+        finally:
+            for h in handles:
+                h.remove()
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.scores[0], both.scores[0], rtol=0, atol=1e-6)  # the same prefill
+    assert any(not torch.allclose(a, b) for a, b in zip(got.scores[1:], both.scores[1:]))  # decode steps differ
+
+
 def test_recipe_runtime_calibrate_and_steer(tmp_path, tiny_llava, tiny_llava_processor):
     out = tmp_path / "vectors.safetensors"
     rt = Runtime(load_recipe("cmrm_llava15_dataset", [f"cmrm.vectors={out}", "cmrm.layers=1-2", "cmrm.batch_size=2"]),

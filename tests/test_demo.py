@@ -13,7 +13,7 @@ import pytest
 
 from lvlm_safety_plugins.cli import main
 from lvlm_safety_plugins.demo.run import COLUMNS, METHODS, PLOT_SKIPPED, goals, markdown_table, run_demo, summarize, t975
-from lvlm_safety_plugins.demo.world import CLARIFY, HELPFUL, REFUSAL, STYLES, World, WorldConfig
+from lvlm_safety_plugins.demo.world import CAPTIONS, CLARIFY, HELPFUL, REFUSAL, STYLES, World, WorldConfig
 
 
 def test_world_is_deterministic_and_its_splits_are_disjoint():
@@ -55,6 +55,13 @@ def test_no_image_refusal_data_and_held_out_concepts_stay_unseen():
     # kind (b): the harmful word is in the text, the image is of another, benign concept
     for r in world.text_with_image_requests("test"):
         assert r["concept"] in r["prompt"].split() and r["image_concept"] in world.benign and r["image_concept"] != r["concept"]
+    # described requests (the TGA bound): the concept in a caption's words, never a training prompt
+    described = world.described_text_requests()
+    assert len(described) == 2 * len(world.seen) * len(CAPTIONS)
+    assert not {r["prompt"] for r in described} & {r["prompt"] for r in text}
+    for r in described:
+        assert r["concept"] in r["prompt"].split() and r["harmful"] == (r["concept"] in world.harmful)
+    assert world.description("bomb", 1) == world.caption("bomb", 1)[2:]  # "bomb in ... and ...", no article
 
 
 def test_summary_intervals_and_goals_by_hand():
@@ -154,10 +161,11 @@ def test_selected_settings_become_recipe_overrides():
     from lvlm_safety_plugins.recipe import load_recipe
 
     routed = {"tga": ["tga.rank_weight=0.2"], "cmrm": []}
-    chosen = {"tga": {"layers": "1-3", "pair_weight": 4.0}, "cmrm": {"alpha": 0.2, "layers": "2-3", "positions": "image"}}
+    chosen = {"tga": {"layers": "1-3", "pair_weight": 4.0},
+              "cmrm": {"alpha": 0.2, "layers": "2-3", "positions": "image", "apply_to": "prompt"}}
     out = settings_overrides(chosen, routed)
     assert out["tga"] == ["tga.layers=1-3", "tga.pair_weight=4.0", "tga.rank_weight=0.2"]  # the user's come last
-    assert out["cmrm"] == ["cmrm.alpha=0.2", "cmrm.layers=2-3", "cmrm.positions=image"]
+    assert out["cmrm"] == ["cmrm.alpha=0.2", "cmrm.layers=2-3", "cmrm.positions=image", "cmrm.apply_to=prompt"]
     # nothing chosen: the recipe's own value stays
     none = settings_overrides({"tga": {"layers": "0-3", "pair_weight": None}, "cmrm": {"alpha": 0.0, "layers": "all", "positions": None}}, {})
     assert none == {"tga": ["tga.layers=0-3"], "cmrm": ["cmrm.alpha=0.0", "cmrm.layers=all"]}

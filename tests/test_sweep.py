@@ -106,6 +106,24 @@ def test_sweep_over_positions_calibrates_each_and_ties_go_to_fewer_positions(tmp
     assert "then fewer positions" in result.rule.describe()
 
 
+def test_sweep_over_phases_runs_each_distinct_setting_once_and_ties_go_to_fewer_phases(tmp_path, tiny_llava,
+                                                                                      tiny_llava_processor):
+    recorded = []
+    measure = recording_measure(recorded, lambda a: {"harmful_refused": 0.6, "benign_refused": 0.1, "utility": 0.8})  # all tie
+    result = run_sweep(tiny_llava, tiny_llava_processor, calibration_rows(), measure, alphas=[0.5], layer_choices=["1-2"],
+                       position_choices=["from_image", "image"], apply_to_choices=["both", "prompt"],
+                       workdir=tmp_path / "work", progress=False)
+    # image positions exist only in the prompt: (image, prompt) steers what (image, both) does and is not run again
+    assert [(p.positions, p.apply_to) for p in result.points[1:]] == [("from_image", "both"), ("from_image", "prompt"),
+                                                                      ("image", "both")]
+    assert [getattr(cfg.apply_to, "name", cfg.apply_to) for cfg, _ in recorded] == ["both", "prompt", "both"]
+    assert (result.chosen.positions, result.chosen.apply_to) == ("image", "both")  # the fewest positions first
+    tied = [p for p in result.points[1:] if p.positions == "from_image"]
+    assert SelectionRule().select(tied, BASE).apply_to == "prompt"  # then the fewer phases
+    assert result.chosen.overrides == ["cmrm.alpha=0.5", "cmrm.layers=1-2", "cmrm.positions=image", "cmrm.apply_to=both"]
+    assert result.to_dict()["apply_to_choices"] == ["both", "prompt"] and "then fewer phases" in result.rule.describe()
+
+
 def test_calibrate_sweep_cli_on_eval_harness_data(tmp_path, tiny_llava, tiny_llava_processor):
     model_dir = tmp_path / "model"
     tiny_llava.save_pretrained(model_dir)
@@ -122,11 +140,12 @@ def test_calibrate_sweep_cli_on_eval_harness_data(tmp_path, tiny_llava, tiny_lla
     cmd = [sys.executable, "-m", "lvlm_safety_plugins.cli", "calibrate", "--sweep", "--recipe", "cmrm_llava15_dataset",
            "--model", str(model_dir), "--data", str(tmp_path / "calib.jsonl"), "--template", "USER: <image> {prompt} ASSISTANT:",
            "--validation", f"jsonl:{tmp_path / 'val.jsonl'}", "--alphas", "0,0.5,1", "--layer-choice", "1-2",
-           "--max-new-tokens", "3", "--eval-template", "USER: <image> {prompt} ASSISTANT:", "--out", str(out)]
+           "--apply-to-choice", "prompt", "--max-new-tokens", "3", "--eval-template", "USER: <image> {prompt} ASSISTANT:", "--out", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads((out / "sweep.json").read_text())
     assert [p["alpha"] for p in data["points"]] == [0.0, 0.5, 1.0]
+    assert [p["apply_to"] for p in data["points"]] == ["", "prompt", "prompt"] and data["apply_to_choices"] == ["prompt"]
     assert all(set(p["metrics"]) == {"harmful_refused", "benign_refused", "utility"} for p in data["points"])
     assert math.isnan(data["points"][0]["metrics"]["utility"])  # no multiple-choice items
     assert "rule: most harmful refused" in res.stdout
@@ -134,6 +153,7 @@ def test_calibrate_sweep_cli_on_eval_harness_data(tmp_path, tiny_llava, tiny_lla
         assert "chosen: none" in res.stdout and not (out / "vectors.safetensors").exists()
     else:
         chosen = SteeringVectors.load(out / "vectors.safetensors")
+        assert f"chosen: cmrm.alpha={data['chosen']['alpha']:g} cmrm.layers=1-2 cmrm.apply_to=prompt" in res.stdout
         assert chosen.alpha == [data["chosen"]["alpha"]] * 2 and chosen.layers == [1, 2]
     # bad input: no validation split, a file for --out
     bad = [c for c in cmd if c not in ("--validation", f"jsonl:{tmp_path / 'val.jsonl'}")]

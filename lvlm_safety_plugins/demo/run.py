@@ -11,7 +11,7 @@ The methods' hyperparameters are the same for every seed. They were chosen by
 (:data:`SELECTION_SEED`, never a reported seed) and are kept in :data:`SELECTED`:
 TGA's layers from ``lvlm-safety analyze`` (the safety layers of that world's text LLM)
 and its pair weight by the sweep's rule on kind (a) (of 0.25, 1 and 4; none met it, so
-the recipe's 0.25 stays), CMRM's alpha, layers and positions from the sweep of
+the recipe's 0.25 stays), CMRM's alpha, layers, positions and phase from the sweep of
 :mod:`lvlm_safety_plugins.methods.cmrm.sweep` with its stated rule. ``--select`` runs the selection again and uses its result.
 """
 
@@ -58,22 +58,24 @@ TGA_RECIPE = "tga_llava15_pretrain"
 TGA_PAIR_WEIGHTS = (0.25, 1.0, 4.0)
 #: CMRM positions --select sweeps (the recipe's from_image first)
 CMRM_POSITION_CHOICES = ("from_image", "image", "all")
+#: CMRM phases (apply_to) --select sweeps (the recipe's both first)
+CMRM_APPLY_TO_CHOICES = ("both", "prompt")
 TEXT_LR = 3e-3
 ALIGN_LR = 1e-2
 #: the world the hyperparameters are chosen on (its validation split); never reported
 SELECTION_SEED = 1000
 #: hyperparameters chosen by ``lvlm-safety demo --select`` (full size) on the validation
 #: split of world SELECTION_SEED; docs/demo.md has the selection run's report (CMRM:
-#: only image-position steering stayed within the rule, and raises (b) refusals on the
-#: validation split by 0.03; every setting steering text positions that raised them
-#: more cost more than 0.05 caption accuracy. TGA: no tried pair weight met the rule)
+#: steering the prefill only (apply_to prompt) at layers 2-3 raises (b) refusals on the
+#: validation split from 0.36 to 0.78 within the rule; steering the decode steps too
+#: cost caption accuracy beyond it. TGA: no tried pair weight met the rule)
 SELECTED: dict[str, Any] = {
     "tga": {"layers": "0-3", "pair_weight": None},
-    "cmrm": {"alpha": 1.0, "layers": "all", "positions": "image"},
+    "cmrm": {"alpha": 0.4, "layers": "2-3", "positions": "from_image", "apply_to": "prompt"},
     "source": "lvlm-safety demo --select (full size), validation split of world 1000",
     "analysis": {"refusal_prob": [0.88, 0.97, 0.98, 0.99], "safety_layers": [0, 1, 2, 3]},
-    "sweep_chosen": {"alpha": 1.0, "layers": "all", "positions": "image", "n_layers": 4,
-                     "metrics": {"harmful_refused": 0.396, "benign_refused": 0.0, "utility": 0.854}},
+    "sweep_chosen": {"alpha": 0.4, "layers": "2-3", "positions": "from_image", "apply_to": "prompt", "n_layers": 2,
+                     "metrics": {"harmful_refused": 0.781, "benign_refused": 0.047, "utility": 0.844}},
     "tga_selection": {"chosen": None, "baseline": {"harmful_refused": 0.198, "benign_refused": 0.0, "utility": 0.885},
                       "points": {"0.25": [0.177, 0.031, 0.885], "1.0": [0.104, 0.0, 0.927], "4.0": [0.281, 0.042, 0.823]}},
 }
@@ -203,10 +205,15 @@ def measure(model: Any, processor: Any, world: World, part: str = "test", steeri
 
 
 def text_metrics(model: Any, processor: Any, world: World) -> dict[str, float]:
-    rows = world.text_requests()
-    flags = _refusals(model, processor, rows)
-    return {"text_refusal_harmful": rate([f for f, r in zip(flags, rows) if r["harmful"]]),
-            "text_refusal_benign": rate([f for f, r in zip(flags, rows) if not r["harmful"]])}
+    """The text LLM's refusals: of the requests it was trained on, and of kind (a) with
+    the image replaced by the words of a caption (``text_described_*``: the text form of
+    what TGA aligns images to, so a bound on what TGA can transfer)."""
+    out: dict[str, float] = {}
+    for prefix, rows in (("text", world.text_requests()), ("text_described", world.described_text_requests())):
+        flags = _refusals(model, processor, rows)
+        out[f"{prefix}_refusal_harmful"] = rate([f for f, r in zip(flags, rows) if r["harmful"]])
+        out[f"{prefix}_refusal_benign"] = rate([f for f, r in zip(flags, rows) if not r["harmful"]])
+    return out
 
 
 def split_overrides(overrides: Sequence[str]) -> dict[str, list[str]]:
@@ -234,7 +241,8 @@ def settings_overrides(settings: Mapping[str, Any], routed: Mapping[str, Sequenc
         "tga": [f"tga.layers={tga['layers']}", *([f"tga.pair_weight={tga['pair_weight']}"] if tga.get("pair_weight") else []),
                 *routed.get("tga", ())],
         "cmrm": [f"cmrm.alpha={cmrm['alpha']}", f"cmrm.layers={cmrm['layers']}",
-                 *([f"cmrm.positions={cmrm['positions']}"] if cmrm.get("positions") else []), *routed.get("cmrm", ())],
+                 *([f"cmrm.positions={cmrm['positions']}"] if cmrm.get("positions") else []),
+                 *([f"cmrm.apply_to={cmrm['apply_to']}"] if cmrm.get("apply_to") else []), *routed.get("cmrm", ())],
     }
 
 
@@ -394,7 +402,8 @@ def select_hyperparameters(size: DemoSize, out_dir: Path, routed: Mapping[str, S
     with tempfile.TemporaryDirectory() as tmp:
         result = run_sweep(model, processor, world.calibration_rows(), sweep_measure, recipe=CMRM_RECIPE,
                            overrides=list(routed.get("cmrm", ())), alphas=alpha_grid("0:1:0.25" if quick else "0:1:0.1"),
-                           layer_choices=layer_choices, position_choices=CMRM_POSITION_CHOICES, workdir=tmp)
+                           layer_choices=layer_choices, position_choices=CMRM_POSITION_CHOICES,
+                           apply_to_choices=CMRM_APPLY_TO_CHOICES, workdir=tmp)
     result.meta.update({"world_seed": SELECTION_SEED, "split": "val", "harmful_refused": "(b) harmful refused",
                         "benign_refused": "mean of (a) and (b) benign refused", "utility": "caption accuracy"})
     write_sweep(result, out_dir)
@@ -402,7 +411,8 @@ def select_hyperparameters(size: DemoSize, out_dir: Path, routed: Mapping[str, S
     selected = {
         "tga": {"layers": tga_layers, "pair_weight": tga_chosen.alpha if tga_chosen is not None else None},
         "cmrm": {"alpha": chosen.alpha if chosen is not None else 0.0, "layers": chosen.layers if chosen is not None else "all",
-                 "positions": chosen.positions if chosen is not None else None},
+                 "positions": chosen.positions if chosen is not None else None,
+                 "apply_to": chosen.apply_to if chosen is not None else None},
         "source": f"lvlm-safety demo --select ({'quick' if quick else 'full'} size), validation split of world {SELECTION_SEED}",
         "analysis": {"refusal_prob": analysis.refusal_prob, "safety_layers": analysis.safety_layers},
         "sweep_chosen": asdict(chosen) if chosen is not None else None,
@@ -543,6 +553,7 @@ def print_report(report: Mapping[str, Any]) -> None:
           f"layer {probs}); {weight_note}")
     chosen = "" if settings.get("sweep_chosen") is not None else ": the sweep's rule chose no setting, so CMRM is unsteered"
     where = f", positions {settings['cmrm']['positions']}" if settings["cmrm"].get("positions") else ""
+    where += f", apply_to {settings['cmrm']['apply_to']}" if settings["cmrm"].get("apply_to") else ""
     print(f"  CMRM alpha {settings['cmrm']['alpha']}, layers {settings['cmrm']['layers']}{where}{chosen}")
     missed = [g for g in report["goals"] if not g["met"]]
     print(f"goals met: {sum(g['met'] for g in report['goals'])} of {len(report['goals'])}" + (":" if missed else ""))

@@ -168,6 +168,13 @@ class World:
     def answer(self, concept: str) -> str:
         return REFUSAL if concept in self.harmful else HELPFUL.format(c=concept)
 
+    def description(self, concept: str, template: int) -> str:
+        """The concept in the words of caption ``template``, without the leading article
+        (``picture of a bomb``, ``bomb in red and blue``): what a request names when it
+        describes the concept instead of naming it."""
+        words = self.caption(concept, template).split()
+        return " ".join(words[1:] if words[0] in ("a", "an") else words)
+
     def text_instructions(self) -> list[dict[str, str]]:
         """The LLM's instruction data (text only): every request template with every
         concept (held-out ones included: the LLM knows them all as words), with no
@@ -198,6 +205,14 @@ class World:
     def text_requests(self) -> list[dict[str, Any]]:
         return [{"prompt": CHAT.format(q=t.format(c=c)), "concept": c, "harmful": c in self.harmful}
                 for t in REQUESTS for c in self.concepts]
+
+    def described_text_requests(self, templates: int = 2) -> list[dict[str, Any]]:
+        """Kind (a) in words: the request with the concept described as each caption
+        template describes it, where the image would stand (never in the LLM's
+        training). What the text LLM does here bounds what TGA can transfer: TGA pulls
+        the image's states toward the caption's."""
+        return [{"prompt": CHAT.format(q=t.format(c=self.description(c, k))), "concept": c, "harmful": c in self.harmful}
+                for t in REQUESTS[:templates] for c in self.seen for k in range(len(CAPTIONS))]
 
     def image_requests(self, part: str, concepts: list[str] | None = None, templates: int = 2) -> list[dict[str, Any]]:
         """Kind (a): the concept word replaced by an image of it."""

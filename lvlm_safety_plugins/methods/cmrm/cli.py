@@ -68,14 +68,16 @@ def _cmd_sweep(args: argparse.Namespace, recipe: Any) -> int:
     work = out / "settings"
     result = run_sweep(model, processor, calibration, harness_measure(model, processor, examples, settings=settings),
                        recipe=recipe, alphas=alphas, layer_choices=layer_choices, position_choices=args.position_choice or (),
+                       apply_to_choices=args.apply_to_choice or (),
                        workdir=work, rule=rule)
     result.meta.update({"recipe": recipe.name, "model": str(args.model), "validation": list(args.validation),
                         "calibration": str(args.data)})
     files = write_sweep(result, out)
-    print(f"{'alpha':>6}  {'layers':<12} {'positions':<10} {'harmful refused':>15} {'benign refused':>14} {'utility':>8}")
+    print(f"{'alpha':>6}  {'layers':<12} {'positions':<10} {'apply_to':<9} {'harmful refused':>15} {'benign refused':>14} "
+          f"{'utility':>8}")
     for p in result.points:
         mark = "  <- chosen" if p is result.chosen else ""
-        print(f"{p.alpha:>6g}  {p.layers:<12} {p.positions or '-':<10} {p.metrics['harmful_refused']:>15.3f} "
+        print(f"{p.alpha:>6g}  {p.layers:<12} {p.positions or '-':<10} {p.apply_to or '-':<9} {p.metrics['harmful_refused']:>15.3f} "
               f"{p.metrics['benign_refused']:>14.3f} {p.metrics['utility']:>8.3f}{mark}")
     print(f"rule: {rule.describe()}")
     if result.chosen is None:
@@ -83,9 +85,8 @@ def _cmd_sweep(args: argparse.Namespace, recipe: Any) -> int:
     else:
         c = result.chosen
         target = out / "vectors.safetensors"
-        shutil.copyfile(vectors_file(work, c.layers, c.alpha, c.positions), target)
-        where = f" cmrm.positions={c.positions}" if c.positions else ""
-        print(f"chosen: cmrm.alpha={c.alpha:g} cmrm.layers={c.layers}{where} cmrm.vectors={target}")
+        shutil.copyfile(vectors_file(work, c.layers, c.alpha, c.positions, c.apply_to), target)
+        print(f"chosen: {' '.join(c.overrides)} cmrm.vectors={target}")
     for path in files.values():
         if path:
             print(f"wrote {path}")
@@ -102,9 +103,9 @@ def add_calibrate_command(sub: Any) -> None:
     p.add_argument("--template", help="prompt template with {prompt}, e.g. 'USER: <image>\\n{prompt} ASSISTANT:'")
     p.add_argument("--out", required=True, help="output .safetensors file (written atomically); with --sweep a folder")
     p.add_argument("--device", default="cpu")
-    s = p.add_argument_group("sweep (choose alpha, layers and positions on a validation split)")
+    s = p.add_argument_group("sweep (choose alpha, layers, positions and phase on a validation split)")
     s.add_argument("--sweep", action="store_true",
-                   help="calibrate and measure every alpha x layers (x positions) setting, pick one by the rule")
+                   help="calibrate and measure every alpha x layers (x positions x phase) setting, pick one by the rule")
     s.add_argument("--validation", action="append", metavar="NAME:PATH",
                    help="validation benchmark as for `lvlm-safety eval --benchmark` (repeatable); harmful, benign and "
                         "multiple-choice items give the three rates")
@@ -113,6 +114,8 @@ def add_calibrate_command(sub: Any) -> None:
                    help="a layer selection to sweep, e.g. all or 8-20 (repeatable; default: the recipe's)")
     s.add_argument("--position-choice", action="append", metavar="POSITIONS",
                    help="steered positions to sweep: from_image, image, text or all (repeatable; default: the recipe's)")
+    s.add_argument("--apply-to-choice", action="append", metavar="PHASE",
+                   help="steered phase to sweep: prompt, generated or both (repeatable; default: the recipe's)")
     s.add_argument("--limit", type=int, help="at most this many examples per validation benchmark")
     s.add_argument("--max-new-tokens", type=int, default=32)
     s.add_argument("--batch-size", type=int, default=8)

@@ -1,9 +1,9 @@
-"""Choosing CMRM's alpha, layers and positions on a validation split: the
+"""Choosing CMRM's alpha, layers, positions and phase on a validation split: the
 safety-utility sweep.
 
-Every setting (``alpha`` x ``layers`` x ``positions``) is calibrated anew, since
-sequential vectors hold only for the alpha, layers and positions they were measured
-with, and then measured on the
+Every setting (``alpha`` x ``layers`` x ``positions`` x ``apply_to``) is calibrated
+anew, since sequential vectors hold only for the alpha, layers and positions they were
+measured with, and then measured on the
 validation data by a ``measure`` callable (the demo's own, or :func:`harness_measure`
 over eval-harness benchmarks). Each point has three rates:
 
@@ -14,7 +14,7 @@ over eval-harness benchmarks). Each point has three rates:
 and a stated rule (:class:`SelectionRule`) picks one: the most harmful requests refused
 with benign over-refusal at most ``baseline + max_over_refusal_increase`` and utility at
 least ``baseline - max_utility_drop``; ties go to the smaller alpha, then the fewer
-layers, then the fewer positions (the least intervention). Alpha 0 is the unsteered model (the baseline); when no
+layers, then the fewer positions, then the fewer phases (the least intervention). Alpha 0 is the unsteered model (the baseline); when no
 setting meets the rule, nothing is chosen and the report says so.
 """
 
@@ -59,6 +59,8 @@ def alpha_grid(spec: str | Sequence[float] = "0:1:0.1") -> list[float]:
 
 #: CMRM's positions from the fewest steered to the most (the tie-break order)
 POSITION_EXTENT = ("image", "text", "from_image", "all")
+#: CMRM's ``apply_to`` phases from the fewest steered to the most (the next tie-break)
+PHASE_EXTENT = ("prompt", "generated", "both")
 
 
 @dataclass
@@ -70,21 +72,34 @@ class SweepPoint:
     n_layers: int = 0
     #: the steered positions ("" for the baseline, or when the recipe's were kept)
     positions: str = ""
+    #: the steered phase, ``apply_to`` ("" for the baseline, or when the recipe's was kept)
+    apply_to: str = ""
 
     @property
-    def extent(self) -> int:
-        return POSITION_EXTENT.index(self.positions) if self.positions in POSITION_EXTENT else len(POSITION_EXTENT)
+    def extent(self) -> tuple[int, int]:
+        """(positions, phase) rank: smaller steers less (an unnamed one, the recipe's, ranks last)."""
+        return (POSITION_EXTENT.index(self.positions) if self.positions in POSITION_EXTENT else len(POSITION_EXTENT),
+                PHASE_EXTENT.index(self.apply_to) if self.apply_to in PHASE_EXTENT else len(PHASE_EXTENT))
 
     @property
     def label(self) -> str:
-        return f"layers {self.layers}" + (f", {self.positions}" if self.positions else "")
+        return f"layers {self.layers}" + (f", {self.positions}" if self.positions else "") + (
+            f", {self.apply_to}" if self.apply_to else "")
+
+    @property
+    def overrides(self) -> list[str]:
+        """This setting as recipe overrides (positions and phase only where swept)."""
+        return [f"cmrm.alpha={self.alpha:g}", f"cmrm.layers={self.layers}",
+                *([f"cmrm.positions={self.positions}"] if self.positions else []),
+                *([f"cmrm.apply_to={self.apply_to}"] if self.apply_to else [])]
 
 
 @dataclass
 class SelectionRule:
     """The most harmful requests refused among the settings whose benign over-refusal
     is at most ``baseline + max_over_refusal_increase`` and whose utility is at least
-    ``baseline - max_utility_drop``; ties: smaller alpha, then fewer layers."""
+    ``baseline - max_utility_drop``; ties: smaller alpha, then fewer layers, then fewer
+    positions, then fewer phases."""
 
     max_over_refusal_increase: float = 0.05
     max_utility_drop: float = 0.05
@@ -111,7 +126,7 @@ class SelectionRule:
     def describe(self) -> str:
         return (f"most harmful refused with benign over-refusal <= baseline + {self.max_over_refusal_increase:g} and "
                 f"utility >= baseline - {self.max_utility_drop:g}; ties: smaller alpha, then fewer layers, then fewer "
-                "positions")
+                "positions, then fewer phases")
 
 
 @dataclass
@@ -145,52 +160,68 @@ def run_sweep(
     alphas: Iterable[float] = alpha_grid(),
     layer_choices: Sequence[str] = ("all",),
     position_choices: Sequence[str] = (),
+    apply_to_choices: Sequence[str] = (),
     workdir: str | Path,
     rule: SelectionRule | None = None,
     progress: bool = True,
     on_point: Callable[[SweepPoint], None] | None = None,
 ) -> SweepResult:
-    """Calibrate and measure every ``alpha`` x ``layers`` (x ``positions``, when
-    ``position_choices`` are given; else the recipe's) setting of the dataset-level
-    CMRM ``recipe`` (with ``overrides``); ``measure(runtime)`` returns the three rates
-    with that runtime's steering on (``runtime`` ``None``: the unsteered baseline).
-    Vector files go to ``workdir`` (:func:`vectors_file`)."""
+    """Calibrate and measure every ``alpha`` x ``layers`` (x ``positions`` and x
+    ``apply_to``, when ``position_choices`` / ``apply_to_choices`` are given; else the
+    recipe's) setting of the dataset-level CMRM ``recipe`` (with ``overrides``);
+    ``measure(runtime)`` returns the three rates with that runtime's steering on
+    (``runtime`` ``None``: the unsteered baseline). Settings that steer the same
+    positions are run once, the first in the given order (``positions=image`` steers
+    only prompt positions, so it is the same under every ``apply_to`` that includes the
+    prompt). Vector files go to ``workdir`` (:func:`vectors_file`)."""
     from tqdm.auto import tqdm
 
     from ...recipe import Recipe, load_recipe
     from ...runtime import Runtime
+    from .steer import steered_positions
 
     rule = rule or SelectionRule()
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     grid = [a for a in alpha_grid(list(alphas)) if a > 0]
+    source = recipe.to_dict() if isinstance(recipe, Recipe) else recipe
+    settings: list[tuple[str, str, str, Any]] = []
+    seen: set[tuple[str, frozenset[str]]] = set()
+    for positions in list(position_choices) or [""]:
+        for apply_to in list(apply_to_choices) or [""]:
+            for layers in layer_choices:
+                named = [*([f"cmrm.positions={positions}"] if positions else []), *([f"cmrm.apply_to={apply_to}"] if apply_to else [])]
+                cfg = load_recipe(source, [*overrides, f"cmrm.layers={layers}", "cmrm.vectors=unused.safetensors",
+                                           "cmrm.variant=dataset", *named]).cmrm
+                kinds = steered_positions(cfg.positions.value, cfg.apply_to.value)  # the recipe check has refused empty ones
+                if (str(layers), kinds) not in seen:
+                    seen.add((str(layers), kinds))
+                    settings.append((positions, apply_to, str(layers), named))
     baseline = dict(measure(None))
     _check_metrics(baseline, "baseline")
     points = [SweepPoint(0.0, "none", baseline, 0)]
-    positions_list: list[str] = list(position_choices) or [""]
-    bar = tqdm(total=len(grid) * len(layer_choices) * len(positions_list), desc="CMRM sweep", disable=not progress)
+    bar = tqdm(total=len(grid) * len(settings), desc="CMRM sweep", disable=not progress)
     try:
-        for positions in positions_list:
-            for layers in layer_choices:
-                for alpha in grid:
-                    vectors = vectors_file(work, layers, alpha, positions)
-                    setting = [*overrides, f"cmrm.alpha={alpha}", f"cmrm.layers={layers}", f"cmrm.vectors={vectors}",
-                               "cmrm.variant=dataset", *([f"cmrm.positions={positions}"] if positions else [])]
-                    loaded = load_recipe(recipe.to_dict() if isinstance(recipe, Recipe) else recipe, setting)
-                    runtime = Runtime(loaded, model=model, processor=processor)
-                    [artifact] = [a for a in runtime.calibrate(processor, calibration) if a.get("method") == "cmrm"]
-                    metrics = dict(measure(runtime))
-                    _check_metrics(metrics, f"alpha {alpha}, layers {layers}" + (f", positions {positions}" if positions else ""))
-                    point = SweepPoint(alpha, str(layers), metrics, len(artifact["layers"]), positions)
-                    points.append(point)
-                    if on_point is not None:
-                        on_point(point)
-                    bar.update()
+        for positions, apply_to, layers, named in settings:
+            for alpha in grid:
+                vectors = vectors_file(work, layers, alpha, positions, apply_to)
+                setting = [*overrides, f"cmrm.alpha={alpha}", f"cmrm.layers={layers}", f"cmrm.vectors={vectors}",
+                           "cmrm.variant=dataset", *named]
+                runtime = Runtime(load_recipe(source, setting), model=model, processor=processor)
+                [artifact] = [a for a in runtime.calibrate(processor, calibration) if a.get("method") == "cmrm"]
+                metrics = dict(measure(runtime))
+                point = SweepPoint(alpha, layers, metrics, len(artifact["layers"]), positions, apply_to)
+                _check_metrics(metrics, f"alpha {alpha}, {point.label}")
+                points.append(point)
+                if on_point is not None:
+                    on_point(point)
+                bar.update()
     finally:
         bar.close()
     return SweepResult(baseline, points, rule, rule.select(points, baseline),
                        meta={"alphas": grid, "layer_choices": [str(l) for l in layer_choices],
-                             "position_choices": list(position_choices), "overrides": list(overrides)})
+                             "position_choices": list(position_choices), "apply_to_choices": list(apply_to_choices),
+                             "overrides": list(overrides)})
 
 
 def _known(metrics: Mapping[str, float], key: str) -> bool:
@@ -198,11 +229,11 @@ def _known(metrics: Mapping[str, float], key: str) -> bool:
     return value is not None and not math.isnan(float(value))
 
 
-def vectors_file(workdir: str | Path, layers: str, alpha: float, positions: str = "") -> Path:
+def vectors_file(workdir: str | Path, layers: str, alpha: float, positions: str = "", apply_to: str = "") -> Path:
     """Where :func:`run_sweep` writes the vectors of one setting:
-    ``vectors_{layers}_{alpha}[_{positions}].safetensors``."""
+    ``vectors_{layers}_{alpha}[_{positions}][_{apply_to}].safetensors``."""
     slug = "".join(ch if ch.isalnum() else "-" for ch in str(layers))
-    tail = f"_{positions}" if positions else ""
+    tail = (f"_{positions}" if positions else "") + (f"_{apply_to}" if apply_to else "")
     return Path(workdir) / f"vectors_{slug}_{alpha:g}{tail}.safetensors"
 
 
@@ -294,5 +325,5 @@ def harness_measure(model: Any, processor: Any, examples: Sequence[Any], *, sett
     return measure
 
 
-__all__ = ["METRICS", "POSITION_EXTENT", "SelectionRule", "SweepPoint", "SweepResult", "alpha_grid", "harness_measure", "run_sweep", "vectors_file",
+__all__ = ["METRICS", "PHASE_EXTENT", "POSITION_EXTENT", "SelectionRule", "SweepPoint", "SweepResult", "alpha_grid", "harness_measure", "run_sweep", "vectors_file",
            "write_sweep"]
