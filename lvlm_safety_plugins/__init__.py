@@ -72,6 +72,7 @@ PUBLIC_MODULES: tuple[str, ...] = (
     "lvlm_safety_plugins.testing",
     "lvlm_safety_plugins.errors",
     "lvlm_safety_plugins.registry",
+    "lvlm_safety_plugins.progress",
     "lvlm_safety_plugins.integrations.hf",
     "lvlm_safety_plugins.integrations.hf_training",
     "lvlm_safety_plugins.integrations.llava",

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .adapters import get_adapter
 from .capture import HiddenCapture
 from .errors import DataError
+from .progress import progress_bar
 from .fileio import atomic_write_text, save_figure
 
 DEFAULT_REFUSAL_WORDS = ("sorry", "Sorry", "cannot", "unable", "apologize", "I'm", "not", "can't")
@@ -101,7 +101,7 @@ def logit_lens_refusal(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        for chunk in tqdm(list(_batches(prompts, batch_size)), desc="logit lens", disable=not progress):
+        for chunk in progress_bar(list(_batches(prompts, batch_size)), desc="logit lens", enabled=progress):
             enc = tokenizer(list(chunk), padding=True, return_tensors="pt")
             device = next(model.parameters()).device
             enc = {k: v.to(device) for k, v in enc.items()}
@@ -134,7 +134,7 @@ def image_caption_similarity(
     totals = torch.zeros(adapter.num_layers, dtype=torch.float64)
     count = 0
     device = next(model.parameters()).device
-    for chunk in tqdm(list(_batches(pairs, batch_size)), desc="image-caption similarity", disable=not progress):
+    for chunk in progress_bar(list(_batches(pairs, batch_size)), desc="image-caption similarity", enabled=progress):
         batch = processor(text=[p["prompt"] for p in chunk], images=[p["image"] for p in chunk], return_tensors="pt", padding=True)
         batch = {k: v.to(device) for k, v in batch.items()}
         with HiddenCapture(adapter, None, {"img": adapter.layout(batch).image_mask}, detach=True) as img:

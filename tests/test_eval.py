@@ -780,6 +780,18 @@ def test_spec_parsing():
         BenchmarkSpec.parse("figstep")
 
 
+def test_run_with_a_loaded_recipe_applies_its_overrides(tiny_llava, tiny_llava_processor):
+    from lvlm_safety_plugins import load_recipe
+    from lvlm_safety_plugins.evaluation.harness import _runtime
+
+    loaded = load_recipe("cmrm_llava15_sample")
+    runtime = _runtime(RunSpec("s", loaded, ["cmrm.alpha=0.25", "cmrm.layers=1-2"]), tiny_llava, tiny_llava_processor, None)
+    assert (runtime.recipe.cmrm.alpha, runtime.recipe.cmrm.layers) == (0.25, "1-2")  # were dropped before
+    assert _runtime(RunSpec("s", loaded), tiny_llava, tiny_llava_processor, None).recipe.cmrm.alpha == loaded.cmrm.alpha
+    with pytest.raises(LVLMSafetyError, match="cmrm.nosuchkey"):  # a bad override is still an error naming the key
+        _runtime(RunSpec("s", loaded, ["cmrm.nosuchkey=1"]), tiny_llava, tiny_llava_processor, None)
+
+
 def test_cli_eval_and_report(tmp_path, tiny_llava, tiny_llava_processor, capsys):
     model_dir = tmp_path / "tiny-llava"
     tiny_llava.save_pretrained(model_dir)

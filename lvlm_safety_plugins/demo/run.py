@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import LVLMSafetyError
+from ..progress import progress_bar, silence
 from .world import CHAT, REFUSAL, REQUESTS, World, WorldConfig
 
 
@@ -135,7 +135,7 @@ def train(model: Any, processor: Any, rows: Sequence[dict], *, part: str, steps:
     gen = torch.Generator().manual_seed(seed)
     losses = []
     model.train()
-    for step in tqdm(range(steps), desc=desc, leave=False):
+    for step in progress_bar(range(steps), desc=desc, leave=False):
         idx = torch.randint(len(rows), (batch_size,), generator=gen).tolist()
         batch = collate([rows[i] for i in idx])
         opt.zero_grad(set_to_none=True)
@@ -624,8 +624,21 @@ def _seed_worker(seed: int, size: DemoSize, workdir: str, overrides: Mapping[str
     from ..fileio import atomic_write_text
 
     torch.set_num_threads(1)
+    silence()  # the parent shows the progress of every seed and method
     return run_seed(seed, size, Path(workdir), overrides, concepts=concepts,
                     on_update=lambda record: atomic_write_text(Path(progress), json.dumps(record)))
+
+
+def _finished(record: Mapping[str, Any]) -> int:
+    return len(record.get("methods", {})) + len(record.get("failed", {}))
+
+
+def _show_progress(bar: Any, records: Sequence[Mapping[str, Any]]) -> None:
+    """Advance ``bar`` (seeds x methods) to the methods finished in ``records`` and
+    name what each running seed does now."""
+    running = [f"seed {r['seed']}: {METHODS[_finished(r)]}" for r in records if _finished(r) < len(METHODS)]
+    bar.set_postfix_str(", ".join(running), refresh=False)
+    bar.update(sum(_finished(r) for r in records) - bar.n)
 
 
 def _run_parallel(n: int, jobs: int, size: DemoSize, workdir: Path, overrides: Mapping[str, Sequence[str]],
@@ -650,12 +663,13 @@ def _run_parallel(n: int, jobs: int, size: DemoSize, workdir: Path, overrides: M
         futures = {pool.submit(_seed_worker, seed, size, str(workdir), dict(overrides), concepts, str(progress[seed])): seed
                    for seed in range(n)}
         pending = set(futures)
-        bar = tqdm(total=n, desc=f"demo seeds ({jobs} processes)")
+        bar = progress_bar(total=n * len(METHODS), desc=f"demo: seeds x methods ({jobs} processes)", unit="method")
         try:
             while pending:
-                done, pending = cf.wait(pending, timeout=2.0, return_when=cf.FIRST_COMPLETED)
-                bar.update(len(done))
-                write(partial())
+                _, pending = cf.wait(pending, timeout=2.0, return_when=cf.FIRST_COMPLETED)
+                records = partial()
+                _show_progress(bar, records)
+                write(records)
         finally:
             bar.close()
         return [f.result() for f in sorted(futures, key=futures.__getitem__)]
@@ -708,8 +722,17 @@ def run_demo(quick: bool = False, seeds: int | None = None, out: str | Path = "d
     jobs = min(n, jobs if jobs is not None else (os.cpu_count() or 1))
     with tempfile.TemporaryDirectory() as tmp:
         if jobs == 1:
-            for seed in tqdm(range(n), desc="demo seeds", disable=n < 2):
-                per_seed.append(run_seed(seed, size, Path(tmp), recipe_overrides, concepts=concepts, on_update=write))
+            bar = progress_bar(total=n * len(METHODS), desc="demo: seeds x methods", unit="method")
+
+            def step(record: dict[str, Any]) -> None:
+                _show_progress(bar, [*per_seed, record])
+                write(record)
+
+            try:
+                for seed in range(n):
+                    per_seed.append(run_seed(seed, size, Path(tmp), recipe_overrides, concepts=concepts, on_update=step))
+            finally:
+                bar.close()
         else:
             per_seed.extend(_run_parallel(n, jobs, size, Path(tmp), recipe_overrides, concepts, write_records))
     write(None)

@@ -157,11 +157,10 @@ def _batches(examples: Sequence[Example], size: int) -> Iterator[list[Example]]:
 def _runtime(run: RunSpec, model: Any, processor: Any, pm: Any) -> Any:
     if run.recipe is None:
         return None
-    from ..recipe import Recipe, load_recipe
+    from ..recipe import as_recipe
     from ..runtime import Runtime
 
-    recipe = run.recipe if isinstance(run.recipe, Recipe) else load_recipe(run.recipe, run.overrides, pm=pm)
-    return Runtime(recipe, model=model, processor=processor, pm=pm)
+    return Runtime(as_recipe(run.recipe, run.overrides, pm=pm), model=model, processor=processor, pm=pm)
 
 
 def generate_all(generator: Any, examples: Mapping[str, Sequence[Example]], runs: Sequence[RunSpec], log: RecordLog, *,
@@ -171,7 +170,7 @@ def generate_all(generator: Any, examples: Mapping[str, Sequence[Example]], runs
     appended to ``sink`` (default: the log) as soon as it is done. With ``shard =
     (rank, world)`` this process answers every ``world``-th missing example from
     ``rank``. Returns counts of reused and new."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     counts = {"reused": 0, "generated": 0}
     for run in runs:
@@ -200,8 +199,8 @@ def generate_all(generator: Any, examples: Mapping[str, Sequence[Example]], runs
         with steering:
             for bench, items in todo.items():
                 total = len(examples[bench])
-                bar = tqdm(total=total, initial=total - len(items), desc=f"{run.name} | {bench}", unit="ex",
-                           disable=not progress or (shard is not None and shard[0] != 0))
+                bar = progress_bar(total=total, initial=total - len(items), desc=f"{run.name} | {bench}", unit="ex",
+                                   enabled=progress and (shard is None or shard[0] == 0))
                 try:
                     info = {id(e): (text, sha) for e, text, sha in items}
                     for batch in _batches([e for e, _, _ in items], batch_size):

@@ -292,7 +292,7 @@ class LLMJudge:
     def _by_logits(self, texts: Sequence[tuple[str, bool]]) -> list[Verdict]:
         """``sum log p(label tokens | judge prompt)`` for each label, compared."""
         import torch
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
         tok = self._tokenizer
         labels = [list(tok(l, add_special_tokens=False)["input_ids"]) for l in (self.unsafe_label, self.safe_label)]
@@ -301,7 +301,7 @@ class LLMJudge:
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         out: list[Verdict] = []
         with torch.no_grad():
-            for start in tqdm(range(0, len(texts), self.batch_size), desc="LLM judge", disable=not self.progress, leave=False):
+            for start in progress_bar(range(0, len(texts), self.batch_size), desc="LLM judge", enabled=self.progress, leave=False):
                 chunk = texts[start : start + self.batch_size]
                 seqs: list[list[int]] = []
                 spans: list[tuple[int, int]] = []
@@ -339,13 +339,13 @@ class LLMJudge:
 
     def _by_generation(self, texts: Sequence[tuple[str, bool]]) -> list[Verdict]:
         import torch
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
         tok = self._tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         out: list[Verdict] = []
         with torch.no_grad():
-            for start in tqdm(range(0, len(texts), self.batch_size), desc="LLM judge", disable=not self.progress, leave=False):
+            for start in progress_bar(range(0, len(texts), self.batch_size), desc="LLM judge", enabled=self.progress, leave=False):
                 chunk = [self._ids(t, s) for t, s in texts[start : start + self.batch_size]]
                 width = max(len(s) for s in chunk)
                 input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)

@@ -104,7 +104,7 @@ def annotate(
 ) -> AnnotateReport:
     """Write ``out``: the records of ``records_path`` (LLaVA-format JSON or JSONL) with
     retrieved captions added. See the module docstring for the rules."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     if k < 1:
         raise RetrievalError(f"k must be >= 1, got {k}")
@@ -129,7 +129,7 @@ def annotate(
         else:
             todo.append(row)
 
-    with tqdm(total=len(todo), desc="annotate", unit="record", disable=not progress) as bar:
+    with progress_bar(total=len(todo), desc="annotate", unit="record", enabled=progress) as bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             images, ok = [], []

@@ -80,9 +80,9 @@ class Embedder(abc.ABC):
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
-    return tqdm(total=total, desc=desc, unit="item", disable=not enabled)
+    return progress_bar(total=total, desc=desc, unit="item", enabled=enabled)
 
 
 class CLIPEmbedder(Embedder):

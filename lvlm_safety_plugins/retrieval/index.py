@@ -201,7 +201,7 @@ class CaptionIndex:
     ) -> "CaptionIndex":
         """An index over ``vectors`` (normalised here), added in batches of
         ``batch_size``; IVF and PQ kinds are first trained on a sample."""
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
         faiss = _faiss()
         vectors = normalize_rows(vectors)
@@ -218,7 +218,7 @@ class CaptionIndex:
             rng = np.random.default_rng(seed)
             sample = vectors if n <= params.train_size else vectors[np.sort(rng.choice(n, params.train_size, replace=False))]
             work.train(sample)
-        for start in tqdm(range(0, n, batch_size), desc=f"index {params.kind}", unit="batch", disable=not progress):
+        for start in progress_bar(range(0, n, batch_size), desc=f"index {params.kind}", unit="batch", enabled=progress):
             work.add(vectors[start:start + batch_size])
         if on_gpu:
             index = faiss.index_gpu_to_cpu(work)

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ...adapters import get_adapter
 from ...capture import HiddenCapture
 from ...errors import DataError
 from ...loading import DataFileError, open_image, read_records
+from ...progress import progress_bar
 from ...steering import steer, vector_edit
 from .config import alpha_by_layer
 from .vectorfile import SteeringVectors, model_fingerprint
@@ -198,7 +198,7 @@ def calibrate(
 
     sequential = composition == "sequential" and len(chosen) > 1 and bool(kinds)
     passes = 1 + (len(chosen) if sequential else 0)
-    bar = tqdm(total=len(starts) * passes, desc=f"CMRM calibration ({composition})", disable=not progress or me != 0)
+    bar = progress_bar(total=len(starts) * passes, desc=f"CMRM calibration ({composition})", enabled=progress and me == 0)
     text = ShiftAccumulator(chosen, adapter.hidden_size)
     shift = ShiftAccumulator(chosen, adapter.hidden_size)
     was_training = model.training

@@ -174,8 +174,7 @@ def run_sweep(
     positions are run once, the first in the given order (``positions=image`` steers
     only prompt positions, so it is the same under every ``apply_to`` that includes the
     prompt). Vector files go to ``workdir`` (:func:`vectors_file`)."""
-    from tqdm.auto import tqdm
-
+    from ...progress import progress_bar
     from ...recipe import Recipe, load_recipe
     from ...runtime import Runtime
     from .steer import steered_positions
@@ -200,7 +199,7 @@ def run_sweep(
     baseline = dict(measure(None))
     _check_metrics(baseline, "baseline")
     points = [SweepPoint(0.0, "none", baseline, 0)]
-    bar = tqdm(total=len(grid) * len(settings), desc="CMRM sweep", disable=not progress)
+    bar = progress_bar(total=len(grid) * len(settings), desc="CMRM sweep", enabled=progress)
     try:
         for positions, apply_to, layers, named in settings:
             for alpha in grid:
