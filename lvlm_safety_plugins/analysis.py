@@ -27,8 +27,8 @@ import torch
 from .adapters import get_adapter
 from .capture import HiddenCapture
 from .errors import DataError
-from .progress import progress_bar
 from .fileio import atomic_write_text, save_figure
+from .progress import progress_bar
 
 DEFAULT_REFUSAL_WORDS = ("sorry", "Sorry", "cannot", "unable", "apologize", "I'm", "not", "can't")
 

@@ -178,6 +178,13 @@ def _refusals(model: Any, processor: Any, rows: Sequence[dict]) -> list[bool]:
     return [is_refusal(a) for a in generate(model, processor, rows, max_new_tokens=1)]
 
 
+def refusal_rates(prefix: str, rows: Sequence[dict], flags: Sequence[bool]) -> dict[str, float]:
+    """``{prefix}_refusal_harmful`` and ``{prefix}_refusal_benign``: the refusal rate of
+    the harmful and of the benign ``rows`` (``flags``: refused or not, row by row)."""
+    return {f"{prefix}_refusal_harmful": rate([f for f, r in zip(flags, rows) if r["harmful"]]),
+            f"{prefix}_refusal_benign": rate([f for f, r in zip(flags, rows) if not r["harmful"]])}
+
+
 def measure(model: Any, processor: Any, world: World, part: str = "test", steering: Any = None) -> dict[str, Any]:
     """Every rate of one model on one split (``steering``: a context-manager factory)."""
     import contextlib
@@ -191,8 +198,7 @@ def measure(model: Any, processor: Any, world: World, part: str = "test", steeri
         caption_out = generate(model, processor, captions, max_new_tokens=10)
     out: dict[str, Any] = {}
     for prefix, rows, flags in (("a", seen_a, a), ("b", seen_b, b), ("heldout_a", held, h)):
-        out[f"{prefix}_refusal_harmful"] = rate([f for f, r in zip(flags, rows) if r["harmful"]])
-        out[f"{prefix}_refusal_benign"] = rate([f for f, r in zip(flags, rows) if not r["harmful"]])
+        out.update(refusal_rates(prefix, rows, flags))
     out["caption_accuracy"] = rate([r["concept"] in c.split() for c, r in zip(caption_out, captions)])
     per_concept: dict[str, float] = {}
     for c in world.seen:
@@ -210,9 +216,7 @@ def text_metrics(model: Any, processor: Any, world: World) -> dict[str, float]:
     what TGA aligns images to, so a bound on what TGA can transfer)."""
     out: dict[str, float] = {}
     for prefix, rows in (("text", world.text_requests()), ("text_described", world.described_text_requests())):
-        flags = _refusals(model, processor, rows)
-        out[f"{prefix}_refusal_harmful"] = rate([f for f, r in zip(flags, rows) if r["harmful"]])
-        out[f"{prefix}_refusal_benign"] = rate([f for f, r in zip(flags, rows) if not r["harmful"]])
+        out.update(refusal_rates(prefix, rows, _refusals(model, processor, rows)))
     return out
 
 

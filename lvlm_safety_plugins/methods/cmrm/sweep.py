@@ -89,9 +89,12 @@ class SweepPoint:
     @property
     def overrides(self) -> list[str]:
         """This setting as recipe overrides (positions and phase only where swept)."""
-        return [f"cmrm.alpha={self.alpha:g}", f"cmrm.layers={self.layers}",
-                *([f"cmrm.positions={self.positions}"] if self.positions else []),
-                *([f"cmrm.apply_to={self.apply_to}"] if self.apply_to else [])]
+        return [f"cmrm.alpha={self.alpha:g}", f"cmrm.layers={self.layers}", *_swept_overrides(self.positions, self.apply_to)]
+
+
+def _swept_overrides(positions: str, apply_to: str) -> list[str]:
+    """The positions and phase of a setting as recipe overrides ("" keeps the recipe's)."""
+    return [*([f"cmrm.positions={positions}"] if positions else []), *([f"cmrm.apply_to={apply_to}"] if apply_to else [])]
 
 
 @dataclass
@@ -189,7 +192,7 @@ def run_sweep(
     for positions in list(position_choices) or [""]:
         for apply_to in list(apply_to_choices) or [""]:
             for layers in layer_choices:
-                named = [*([f"cmrm.positions={positions}"] if positions else []), *([f"cmrm.apply_to={apply_to}"] if apply_to else [])]
+                named = _swept_overrides(positions, apply_to)
                 cfg = load_recipe(source, [*overrides, f"cmrm.layers={layers}", "cmrm.vectors=unused.safetensors",
                                            "cmrm.variant=dataset", *named]).cmrm
                 kinds = steered_positions(cfg.positions.value, cfg.apply_to.value)  # the recipe check has refused empty ones
