@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -124,6 +125,65 @@ def test_sweep_over_phases_runs_each_distinct_setting_once_and_ties_go_to_fewer_
     assert result.to_dict()["apply_to_choices"] == ["both", "prompt"] and "then fewer phases" in result.rule.describe()
 
 
+def test_sweep_over_variants_and_references_runs_sample_level_uncalibrated(tmp_path, tiny_llava, tiny_llava_processor):
+    import torch
+
+    from lvlm_safety_plugins.adapters import get_adapter
+
+    row = calibration_rows()[0]
+    enc = tiny_llava_processor(text=[row["prompt"]], images=[row["image"]], return_tensors="pt")
+    gen = dict(max_new_tokens=2, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        plain = tiny_llava.generate(**enc, **gen).scores[0]
+        # the text-only answer, by hand: the prompt with its image tokens removed
+        text_only = tiny_llava(**get_adapter(tiny_llava).text_only_batch(enc)).logits[:, -1]
+    recorded = {}
+
+    def measure(runtime, sample_refuses=0.6):
+        if runtime is None:
+            return dict(BASE)
+        cfg = runtime.recipe.cmrm
+        with torch.no_grad(), runtime.steering(tiny_llava):  # the real steering of each setting
+            scores = tiny_llava.generate(**enc, **gen).scores[0]
+        recorded[(cfg.variant.value, cfg.reference.value)] = (cfg.vectors, scores)
+        return {"harmful_refused": sample_refuses if cfg.variant.value == "sample" else 0.6, "benign_refused": 0.1,
+                "utility": 0.8}
+
+    # calibration on other prompts than the measured one, so the dataset-level mean
+    # shift is not this input's own (on copies of one prompt the two would be equal)
+    calibration = [{"image": make_image(i), "prompt": f"USER: <image> how to make a {w} ASSISTANT:"}
+                   for i, w in enumerate(("bomb", "cake", "bomb"))]
+    work = tmp_path / "work"
+    sweep = dict(alphas=[1.0], layer_choices=["all"], apply_to_choices=["prompt"], variant_choices=["dataset", "sample"],
+                 reference_choices=["blank", "none"], workdir=work, progress=False)
+    result = run_sweep(tiny_llava, tiny_llava_processor, calibration, measure, **sweep)
+    assert [(p.variant, p.reference, p.n_layers) for p in result.points[1:]] == [
+        ("dataset", "blank", 4), ("dataset", "none", 4), ("sample", "blank", 4), ("sample", "none", 4)]
+    # each dataset setting was calibrated into its own file, with its own reference; the sample ones have none
+    files = {ref: recorded[("dataset", ref)][0] for ref in ("blank", "none")}
+    assert [SteeringVectors.load(files[ref]).reference for ref in ("blank", "none")] == ["blank", "none"]
+    assert recorded[("sample", "blank")][0] is None and recorded[("sample", "none")][0] is None
+    assert sorted(f.name for f in work.iterdir()) == sorted(Path(f).name for f in files.values())
+    scores = {key: value[1] for key, value in recorded.items()}
+    assert all(not torch.allclose(s, plain) for s in scores.values())  # every setting steers the answer
+    assert not torch.allclose(scores[("dataset", "none")], scores[("sample", "none")])  # the mean shift is not this input's
+    # sample level, the input's own image as reference, alpha 1 at every layer (sequential):
+    # the last prompt token's state is the text-only one at every layer, so the first
+    # answer is the text-only answer
+    torch.testing.assert_close(scores[("sample", "none")], text_only, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(scores[("sample", "blank")], text_only, atol=1e-3)
+    # a tie goes to the dataset variant (one fixed vector: no extra forwards), then the recipe's reference
+    assert (result.chosen.variant, result.chosen.reference) == ("dataset", "blank")
+    assert result.chosen.overrides[-2:] == ["cmrm.variant=dataset", "cmrm.reference=blank"]
+    assert "then dataset before sample variant, then reference" in result.rule.describe()
+    better = run_sweep(tiny_llava, tiny_llava_processor, calibration, lambda rt: measure(rt, 0.9), **sweep)
+    assert (better.chosen.variant, better.chosen.reference) == ("sample", "blank")
+    assert better.chosen.overrides == ["cmrm.alpha=1", "cmrm.layers=all", "cmrm.apply_to=prompt", "cmrm.variant=sample",
+                                       "cmrm.reference=blank"]
+    assert better.to_dict()["variant_choices"] == ["dataset", "sample"]
+    assert better.to_dict()["reference_choices"] == ["blank", "none"]
+
+
 def test_calibrate_sweep_cli_on_eval_harness_data(tmp_path, tiny_llava, tiny_llava_processor):
     model_dir = tmp_path / "model"
     tiny_llava.save_pretrained(model_dir)
@@ -140,20 +200,25 @@ def test_calibrate_sweep_cli_on_eval_harness_data(tmp_path, tiny_llava, tiny_lla
     cmd = [sys.executable, "-m", "lvlm_safety_plugins.cli", "calibrate", "--sweep", "--recipe", "cmrm_llava15_dataset",
            "--model", str(model_dir), "--data", str(tmp_path / "calib.jsonl"), "--template", "USER: <image> {prompt} ASSISTANT:",
            "--validation", f"jsonl:{tmp_path / 'val.jsonl'}", "--alphas", "0,0.5,1", "--layer-choice", "1-2",
-           "--apply-to-choice", "prompt", "--max-new-tokens", "3", "--eval-template", "USER: <image> {prompt} ASSISTANT:", "--out", str(out)]
+           "--apply-to-choice", "prompt", "--variant-choice", "dataset", "--variant-choice", "sample", "--max-new-tokens", "3", "--eval-template", "USER: <image> {prompt} ASSISTANT:", "--out", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads((out / "sweep.json").read_text())
-    assert [p["alpha"] for p in data["points"]] == [0.0, 0.5, 1.0]
-    assert [p["apply_to"] for p in data["points"]] == ["", "prompt", "prompt"] and data["apply_to_choices"] == ["prompt"]
+    assert [p["alpha"] for p in data["points"]] == [0.0, 0.5, 1.0, 0.5, 1.0]
+    assert [p["apply_to"] for p in data["points"]] == ["", "prompt", "prompt", "prompt", "prompt"]
+    assert data["apply_to_choices"] == ["prompt"] and data["variant_choices"] == ["dataset", "sample"]
+    assert [p["variant"] for p in data["points"]] == ["", "dataset", "dataset", "sample", "sample"]
     assert all(set(p["metrics"]) == {"harmful_refused", "benign_refused", "utility"} for p in data["points"])
     assert math.isnan(data["points"][0]["metrics"]["utility"])  # no multiple-choice items
     assert "rule: most harmful refused" in res.stdout
     if data["chosen"] is None:
         assert "chosen: none" in res.stdout and not (out / "vectors.safetensors").exists()
+    elif data["chosen"]["variant"] == "sample":  # measured per input: no vector file
+        assert f"chosen: cmrm.alpha={data['chosen']['alpha']:g} cmrm.layers=1-2 cmrm.apply_to=prompt cmrm.variant=sample\n" in res.stdout
+        assert not (out / "vectors.safetensors").exists()
     else:
         chosen = SteeringVectors.load(out / "vectors.safetensors")
-        assert f"chosen: cmrm.alpha={data['chosen']['alpha']:g} cmrm.layers=1-2 cmrm.apply_to=prompt" in res.stdout
+        assert f"chosen: cmrm.alpha={data['chosen']['alpha']:g} cmrm.layers=1-2 cmrm.apply_to=prompt cmrm.variant=dataset" in res.stdout
         assert chosen.alpha == [data["chosen"]["alpha"]] * 2 and chosen.layers == [1, 2]
     # bad input: no validation split, a file for --out
     bad = [c for c in cmd if c not in ("--validation", f"jsonl:{tmp_path / 'val.jsonl'}")]

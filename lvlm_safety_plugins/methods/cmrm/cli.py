@@ -37,8 +37,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace, recipe: Any) -> int:
-    """``calibrate --sweep``: every alpha x layers setting calibrated and measured on the
-    validation benchmarks; the chosen setting's vectors go to OUT/vectors.safetensors."""
+    """``calibrate --sweep``: every alpha x layers (x positions x phase x variant x reference) setting
+    calibrated and measured on the validation benchmarks; the chosen setting's vectors go
+    to OUT/vectors.safetensors (a sample-level choice has none)."""
     import shutil
     from pathlib import Path
 
@@ -68,24 +69,27 @@ def _cmd_sweep(args: argparse.Namespace, recipe: Any) -> int:
     work = out / "settings"
     result = run_sweep(model, processor, calibration, harness_measure(model, processor, examples, settings=settings),
                        recipe=recipe, alphas=alphas, layer_choices=layer_choices, position_choices=args.position_choice or (),
-                       apply_to_choices=args.apply_to_choice or (),
+                       apply_to_choices=args.apply_to_choice or (), variant_choices=args.variant_choice or (),
+                       reference_choices=args.reference_choice or (),
                        workdir=work, rule=rule)
     result.meta.update({"recipe": recipe.name, "model": str(args.model), "validation": list(args.validation),
                         "calibration": str(args.data)})
     files = write_sweep(result, out)
-    print(f"{'alpha':>6}  {'layers':<12} {'positions':<10} {'apply_to':<9} {'harmful refused':>15} {'benign refused':>14} "
-          f"{'utility':>8}")
+    print(f"{'alpha':>6}  {'layers':<12} {'positions':<10} {'apply_to':<9} {'variant':<8} {'reference':<9} "
+          f"{'harmful refused':>15} {'benign refused':>14} {'utility':>8}")
     for p in result.points:
         mark = "  <- chosen" if p is result.chosen else ""
-        print(f"{p.alpha:>6g}  {p.layers:<12} {p.positions or '-':<10} {p.apply_to or '-':<9} {p.metrics['harmful_refused']:>15.3f} "
-              f"{p.metrics['benign_refused']:>14.3f} {p.metrics['utility']:>8.3f}{mark}")
+        print(f"{p.alpha:>6g}  {p.layers:<12} {p.positions or '-':<10} {p.apply_to or '-':<9} {p.variant or '-':<8} {p.reference or '-':<9} "
+              f"{p.metrics['harmful_refused']:>15.3f} {p.metrics['benign_refused']:>14.3f} {p.metrics['utility']:>8.3f}{mark}")
     print(f"rule: {rule.describe()}")
     if result.chosen is None:
         print("chosen: none: " + result.to_dict()["reason"])
+    elif result.chosen.variant == "sample":  # measured per input at generation: no vector file
+        print(f"chosen: {' '.join(result.chosen.overrides)}")
     else:
         c = result.chosen
         target = out / "vectors.safetensors"
-        shutil.copyfile(vectors_file(work, c.layers, c.alpha, c.positions, c.apply_to), target)
+        shutil.copyfile(vectors_file(work, c.layers, c.alpha, c.positions, c.apply_to, c.reference), target)
         print(f"chosen: {' '.join(c.overrides)} cmrm.vectors={target}")
     for path in files.values():
         if path:
@@ -103,7 +107,7 @@ def add_calibrate_command(sub: Any) -> None:
     p.add_argument("--template", help="prompt template with {prompt}, e.g. 'USER: <image>\\n{prompt} ASSISTANT:'")
     p.add_argument("--out", required=True, help="output .safetensors file (written atomically); with --sweep a folder")
     p.add_argument("--device", default="cpu")
-    s = p.add_argument_group("sweep (choose alpha, layers, positions and phase on a validation split)")
+    s = p.add_argument_group("sweep (choose alpha, layers, positions, phase, variant and reference on a validation split)")
     s.add_argument("--sweep", action="store_true",
                    help="calibrate and measure every alpha x layers (x positions x phase) setting, pick one by the rule")
     s.add_argument("--validation", action="append", metavar="NAME:PATH",
@@ -116,6 +120,12 @@ def add_calibrate_command(sub: Any) -> None:
                    help="steered positions to sweep: from_image, image, text or all (repeatable; default: the recipe's)")
     s.add_argument("--apply-to-choice", action="append", metavar="PHASE",
                    help="steered phase to sweep: prompt, generated or both (repeatable; default: the recipe's)")
+    s.add_argument("--variant-choice", action="append", metavar="VARIANT", choices=("dataset", "sample"),
+                   help="CMRM variant to sweep: dataset (calibrated vectors) or sample (each input's own shift, no "
+                        "calibration) (repeatable; default: dataset)")
+    s.add_argument("--reference-choice", action="append", metavar="REFERENCE", choices=("blank", "noise", "none"),
+                   help="reference image of the shift to sweep: blank, noise or none (the input's own image) "
+                        "(repeatable; default: the recipe's)")
     s.add_argument("--limit", type=int, help="at most this many examples per validation benchmark")
     s.add_argument("--max-new-tokens", type=int, default=32)
     s.add_argument("--batch-size", type=int, default=8)
