@@ -52,15 +52,16 @@ def atomic_output_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 
-def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> Path:
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 110, *, tight: bool = False) -> Path:
     """Write a matplotlib figure as PNG atomically (never a half-written file) and
-    close it, also when writing fails."""
+    close it, also when writing fails; ``tight`` crops the canvas to what is drawn (a
+    legend placed outside the axes included)."""
     import matplotlib.pyplot as plt
 
     target = Path(path)
     try:
         with atomic_output_path(target) as tmp:
-            fig.savefig(tmp, format="png", dpi=dpi)
+            fig.savefig(tmp, format="png", dpi=dpi, **({"bbox_inches": "tight"} if tight else {}))
     finally:
         plt.close(fig)
     return target

@@ -132,14 +132,16 @@ def test_a_failing_method_keeps_the_finished_runs_and_is_named(tmp_path, capsys)
 
 def test_seeds_in_worker_processes(tmp_path):
     """--jobs 2: two seeds at once in spawned processes; the report has both, in order,
-    and each seed's numbers do not depend on which process ran it."""
+    and each seed's numbers do not depend on which process ran it (nor on the seeds run
+    beside it: --first-seed 1 runs seed 1 alone)."""
     report = run_demo(quick=True, seeds=2, concepts=2, jobs=2, out=tmp_path / "par")
-    assert [s["seed"] for s in report["per_seed"]] == [0, 1] and report["complete"]
-    again = run_demo(quick=True, seeds=1, concepts=2, jobs=1, out=tmp_path / "one")
+    assert [s["seed"] for s in report["per_seed"]] == [0, 1] and report["complete"] and report["seed_ids"] == [0, 1]
+    again = run_demo(quick=True, seeds=1, concepts=2, jobs=1, out=tmp_path / "one", first_seed=1)
+    assert [s["seed"] for s in again["per_seed"]] == [1] and again["seed_ids"] == [1]
     assert set(report["per_seed"][0]["methods"]) == set(METHODS)
     assert math.isnan(report["per_seed"][0]["methods"]["baseline"]["heldout_a_refusal_harmful"])  # 2 concepts: none held out
     for key, _, _ in COLUMNS:  # one thread in the worker, two here: float order may differ, rates hardly
-        got, want = report["per_seed"][0]["methods"]["baseline"][key], again["per_seed"][0]["methods"]["baseline"][key]
+        got, want = report["per_seed"][1]["methods"]["baseline"][key], again["per_seed"][0]["methods"]["baseline"][key]
         assert (math.isnan(got) and math.isnan(want)) or abs(got - want) <= 0.25, key
 
 
@@ -149,6 +151,8 @@ def test_bad_options_are_refused_before_any_training(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path), "--override", "shiftdc.alpha=1"]) == 2
     assert main(["demo", "--quick", "--out", str(tmp_path), "--concepts", "30"]) == 2
     assert "--concepts must be 2-24" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--first-seed", "998", "--seeds", "3"]) == 2
+    assert "seed 1000 is the selection world" in capsys.readouterr().err
     assert main(["demo", "--quick", "--out", str(tmp_path), "--jobs", "0"]) == 2
     assert not (tmp_path / "demo.json").exists()
 

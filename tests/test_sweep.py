@@ -13,7 +13,7 @@ import pytest
 
 from lvlm_safety_plugins.errors import LVLMSafetyError
 from lvlm_safety_plugins.methods.cmrm import SteeringVectors
-from lvlm_safety_plugins.methods.cmrm.sweep import SelectionRule, SweepPoint, alpha_grid, run_sweep, write_sweep
+from lvlm_safety_plugins.methods.cmrm.sweep import SelectionRule, SweepPoint, SweepResult, alpha_grid, run_sweep, write_sweep
 from lvlm_safety_plugins.testing import make_image
 
 
@@ -224,3 +224,25 @@ def test_calibrate_sweep_cli_on_eval_harness_data(tmp_path, tiny_llava, tiny_lla
     bad = [c for c in cmd if c not in ("--validation", f"jsonl:{tmp_path / 'val.jsonl'}")]
     res = subprocess.run(bad, capture_output=True, text=True)
     assert res.returncode == 2 and "--validation NAME:PATH" in res.stderr
+
+
+def test_sweep_plot_of_many_settings_groups_them_by_the_coarsest_choice(tmp_path):
+    from lvlm_safety_plugins.methods.cmrm.sweep import MAX_CURVES, _plot_group
+
+    points = [point(0.0, 0.30, 0.10, 0.80, "none", 0)]
+    for variant in ("dataset", "sample"):
+        for reference in ("blank", "none"):
+            for positions in ("image", "all"):
+                for layers in ("all", "1-2"):
+                    p = point(0.5, 0.5, 0.1, 0.8, layers, 4 if layers == "all" else 2)
+                    p.positions, p.apply_to, p.variant, p.reference = positions, "prompt", variant, reference
+                    points.append(p)
+    assert len({p.label for p in points[1:]}) == 16 > MAX_CURVES
+    group = _plot_group(points[1:])
+    assert group(points[-1]) == "variant sample, reference none"  # positions vary too, but only the two coarsest group
+    result = SelectionRule().select(points, BASE)
+    files = write_sweep(SweepResult(BASE, points, SelectionRule(), result), tmp_path)
+    assert files["png"] is None or (tmp_path / "sweep.png").stat().st_size > 0
+    # one categorical choice varies: it is the group; none varies: the layers are
+    assert _plot_group(points[1:3])(points[2]) == "layers 1-2"
+    assert _plot_group([points[1], points[3]])(points[3]) == "positions all"

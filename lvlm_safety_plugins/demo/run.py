@@ -11,8 +11,9 @@ The methods' hyperparameters are the same for every seed. They were chosen by
 (:data:`SELECTION_SEED`, never a reported seed) and are kept in :data:`SELECTED`:
 TGA's layers from ``lvlm-safety analyze`` (the safety layers of that world's text LLM)
 and its pair weight by the sweep's rule on kind (a) (of 0.25, 1 and 4; none met it, so
-the recipe's 0.25 stays), CMRM's alpha, layers, positions and phase from the sweep of
-:mod:`lvlm_safety_plugins.methods.cmrm.sweep` with its stated rule. ``--select`` runs the selection again and uses its result.
+the recipe's 0.25 stays), CMRM's alpha, layers, positions, phase, variant and reference
+from the sweep of :mod:`lvlm_safety_plugins.methods.cmrm.sweep` with its stated rule.
+``--select`` runs the selection again and uses its result.
 """
 
 from __future__ import annotations
@@ -74,16 +75,19 @@ ALIGN_LR = 1e-2
 SELECTION_SEED = 1000
 #: hyperparameters chosen by ``lvlm-safety demo --select`` (full size) on the validation
 #: split of world SELECTION_SEED; docs/demo.md has the selection run's report (CMRM:
-#: steering the prefill only (apply_to prompt) at layers 2-3 raises (b) refusals on the
-#: validation split from 0.36 to 0.78 within the rule; steering the decode steps too
-#: cost caption accuracy beyond it. TGA: no tried pair weight met the rule)
+#: sample-level, each input's own image as the reference, the prefill only, alpha 0.3 at
+#: every layer raises (b) refusals on the validation split from 0.36 to 1.00 within the
+#: rule; the best dataset-level setting reached 0.78. TGA: no tried pair weight met the
+#: rule)
 SELECTED: dict[str, Any] = {
     "tga": {"layers": "0-3", "pair_weight": None},
-    "cmrm": {"alpha": 0.4, "layers": "2-3", "positions": "from_image", "apply_to": "prompt"},
+    "cmrm": {"alpha": 0.3, "layers": "all", "positions": "from_image", "apply_to": "prompt", "variant": "sample",
+             "reference": "none"},
     "source": "lvlm-safety demo --select (full size), validation split of world 1000",
     "analysis": {"refusal_prob": [0.88, 0.97, 0.98, 0.99], "safety_layers": [0, 1, 2, 3]},
-    "sweep_chosen": {"alpha": 0.4, "layers": "2-3", "positions": "from_image", "apply_to": "prompt", "n_layers": 2,
-                     "metrics": {"harmful_refused": 0.781, "benign_refused": 0.047, "utility": 0.844}},
+    "sweep_chosen": {"alpha": 0.3, "layers": "all", "positions": "from_image", "apply_to": "prompt", "variant": "sample",
+                     "reference": "none", "n_layers": 4,
+                     "metrics": {"harmful_refused": 1.0, "benign_refused": 0.0, "utility": 0.885}},
     "tga_selection": {"chosen": None, "baseline": {"harmful_refused": 0.198, "benign_refused": 0.0, "utility": 0.885},
                       "points": {"0.25": [0.177, 0.031, 0.885], "1.0": [0.104, 0.0, 0.927], "4.0": [0.281, 0.042, 0.823]}},
 }
@@ -661,18 +665,18 @@ def _show_progress(bar: Any, records: Sequence[Mapping[str, Any]]) -> None:
     bar.update(sum(_finished(r) for r in records) - bar.n)
 
 
-def _run_parallel(n: int, jobs: int, size: DemoSize, workdir: Path, overrides: Mapping[str, Sequence[str]],
+def _run_parallel(seeds: Sequence[int], jobs: int, size: DemoSize, workdir: Path, overrides: Mapping[str, Sequence[str]],
                   concepts: int | None, write: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
-    """The seeds in ``jobs`` worker processes; ``write`` gets the records so far (the
+    """The ``seeds`` in ``jobs`` worker processes; ``write`` gets the records so far (the
     finished ones and what the running ones wrote) every couple of seconds."""
     import concurrent.futures as cf
     import multiprocessing
 
-    progress = {seed: workdir / f"progress_seed{seed}.json" for seed in range(n)}
+    progress = {seed: workdir / f"progress_seed{seed}.json" for seed in seeds}
 
     def partial() -> list[dict[str, Any]]:
         out = []
-        for seed in range(n):
+        for seed in seeds:
             try:
                 out.append(json.loads(progress[seed].read_text()))
             except (OSError, json.JSONDecodeError):
@@ -681,9 +685,9 @@ def _run_parallel(n: int, jobs: int, size: DemoSize, workdir: Path, overrides: M
 
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_seed_worker, seed, size, str(workdir), dict(overrides), concepts, str(progress[seed])): seed
-                   for seed in range(n)}
+                   for seed in seeds}
         pending = set(futures)
-        bar = progress_bar(total=n * len(METHODS), desc=f"demo: seeds x methods ({jobs} processes)", unit="method")
+        bar = progress_bar(total=len(seeds) * len(METHODS), desc=f"demo: seeds x methods ({jobs} processes)", unit="method")
         try:
             while pending:
                 _, pending = cf.wait(pending, timeout=2.0, return_when=cf.FIRST_COMPLETED)
@@ -696,7 +700,8 @@ def _run_parallel(n: int, jobs: int, size: DemoSize, workdir: Path, overrides: M
 
 
 def run_demo(quick: bool = False, seeds: int | None = None, out: str | Path = "demo-out", overrides: Sequence[str] = (),
-             *, concepts: int | None = None, select: bool = False, jobs: int | None = None) -> dict[str, Any]:
+             *, concepts: int | None = None, select: bool = False, jobs: int | None = None,
+             first_seed: int = 0) -> dict[str, Any]:
     """Run the demo world and write ``demo.json`` (and ``demo.png`` with matplotlib).
 
     The report is rewritten (atomically) after every method of every seed, so what
@@ -706,13 +711,21 @@ def run_demo(quick: bool = False, seeds: int | None = None, out: str | Path = "d
     after the selected hyperparameters). ``concepts``: concepts of each kind (2-24).
     ``select``: choose the hyperparameters again (see :func:`select_hyperparameters`).
     ``jobs``: seeds run at once, each in a process with one thread (default: one per
-    CPU core, at most the number of seeds); 1 runs them here, one after the other."""
+    CPU core, at most the number of seeds); 1 runs them here, one after the other.
+    ``first_seed``: the seeds are ``first_seed`` to ``first_seed + seeds - 1`` (never
+    :data:`SELECTION_SEED`, whose validation split chose the hyperparameters)."""
     from ..fileio import atomic_write_text
 
     size = QUICK if quick else FULL
     n = seeds if seeds is not None else (1 if quick else 5)
     if n < 1:
         raise LVLMSafetyError("--seeds must be >= 1")
+    if first_seed < 0:
+        raise LVLMSafetyError(f"--first-seed must be >= 0, got {first_seed}")
+    seed_ids = list(range(first_seed, first_seed + n))
+    if SELECTION_SEED in seed_ids:
+        raise LVLMSafetyError(f"seed {SELECTION_SEED} is the selection world (the hyperparameters were chosen on its "
+                              "validation split); report other seeds")
     if jobs is not None and jobs < 1:
         raise LVLMSafetyError("--jobs must be >= 1")
     if concepts is not None and not 2 <= concepts <= 24:
@@ -727,7 +740,7 @@ def run_demo(quick: bool = False, seeds: int | None = None, out: str | Path = "d
     report: dict[str, Any] = {}
 
     def write_records(seeds_so_far: list[dict[str, Any]]) -> None:
-        report.update({"size": "quick" if quick else "full", "seeds": n, "concepts": concepts or size.concepts,
+        report.update({"size": "quick" if quick else "full", "seeds": n, "seed_ids": seed_ids, "concepts": concepts or size.concepts,
                        "seconds": time.perf_counter() - t0, "overrides": list(overrides), "settings": settings,
                        "dimensions": asdict(replace(size, concepts=concepts or size.concepts)), "complete": False,
                        "failed": failures(seeds_so_far), "summary": summarize(seeds_so_far), "goals": goals(seeds_so_far),
@@ -749,12 +762,12 @@ def run_demo(quick: bool = False, seeds: int | None = None, out: str | Path = "d
                 write(record)
 
             try:
-                for seed in range(n):
+                for seed in seed_ids:
                     per_seed.append(run_seed(seed, size, Path(tmp), recipe_overrides, concepts=concepts, on_update=step))
             finally:
                 bar.close()
         else:
-            per_seed.extend(_run_parallel(n, jobs, size, Path(tmp), recipe_overrides, concepts, write_records))
+            per_seed.extend(_run_parallel(seed_ids, jobs, size, Path(tmp), recipe_overrides, concepts, write_records))
     write(None)
     report["complete"] = not report["failed"]
     report["plot"], note = write_plot(report["summary"], out_dir)

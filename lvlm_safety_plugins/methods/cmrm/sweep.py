@@ -303,29 +303,67 @@ def write_sweep(result: SweepResult, out_dir: str | Path) -> dict[str, str | Non
         import matplotlib.pyplot as plt
     except ImportError:
         return written
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, other, label in ((axes[0], "benign_refused", "benign over-refusal (lower is better)"),
-                             (axes[1], "utility", "utility (higher is better)")):
-        for label in dict.fromkeys(p.label for p in result.points if p.alpha > 0):
-            pts = [result.points[0]] + [p for p in result.points if p.alpha > 0 and p.label == label]
-            xs = [p.metrics.get(other, float("nan")) for p in pts]
-            ys = [p.metrics["harmful_refused"] for p in pts]
-            ax.plot(xs, ys, marker="o", label=label)
-            for p, x, y in zip(pts, xs, ys):
-                ax.annotate(f"{p.alpha:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    steered = [p for p in result.points if p.alpha > 0]
+    labels = list(dict.fromkeys(p.label for p in steered))
+    # few settings: one curve each, alpha on every point; many: the points coloured by
+    # the coarsest choice that varies (variant and reference, else positions and phase,
+    # else layers), so the legend stays readable
+    curves = len(labels) <= MAX_CURVES
+    group = _plot_group(steered)
+    groups = list(dict.fromkeys(group(p) for p in steered))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, other, xlabel in ((axes[0], "benign_refused", "benign over-refusal (lower is better)"),
+                              (axes[1], "utility", "utility (higher is better)")):
+        if curves:
+            for label in labels:
+                pts = [result.points[0]] + [p for p in steered if p.label == label]
+                xs = [p.metrics.get(other, float("nan")) for p in pts]
+                ys = [p.metrics["harmful_refused"] for p in pts]
+                ax.plot(xs, ys, marker="o", label=label)
+                for p, x, y in zip(pts, xs, ys):
+                    ax.annotate(f"{p.alpha:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        else:
+            for i, name in enumerate(groups):
+                pts = [p for p in steered if group(p) == name]
+                ax.scatter([p.metrics.get(other, float("nan")) for p in pts], [p.metrics["harmful_refused"] for p in pts],
+                           s=14, alpha=0.55, color=f"C{i % 10}", label=name)
         base = result.baseline
         ax.scatter([base.get(other, float("nan"))], [base["harmful_refused"]], color="black", zorder=5, label="unsteered")
         if result.chosen is not None:
-            ax.scatter([result.chosen.metrics.get(other, float("nan"))], [result.chosen.metrics["harmful_refused"]],
-                       s=160, facecolors="none", edgecolors="red", zorder=6, label="chosen")
-        ax.set_xlabel(label)
+            c = result.chosen
+            ax.scatter([c.metrics.get(other, float("nan"))], [c.metrics["harmful_refused"]], s=160, facecolors="none",
+                       edgecolors="red", zorder=6, label=f"chosen: alpha {c.alpha:g},\n{c.label}")
+        limit = (base.get(other, float("nan")) + result.rule.max_over_refusal_increase if other == "benign_refused"
+                 else base.get(other, float("nan")) - result.rule.max_utility_drop)
+        if math.isfinite(limit):
+            ax.axvline(limit, color="grey", linestyle="--", linewidth=0.8, label="the rule's limit")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("harmful refused (higher is better)")
         ax.set_ylim(-0.02, 1.02)
-    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle("CMRM sweep on the validation split (labels: alpha)", fontsize=10)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    title = "labels: alpha" if curves else f"{len(steered)} settings, coloured by {', '.join(_varying(steered)[:2]) or 'layers'}"
+    fig.suptitle(f"CMRM sweep on the validation split ({title})", fontsize=10)
     fig.tight_layout()
-    written["png"] = str(save_figure(fig, out / "sweep.png"))
+    written["png"] = str(save_figure(fig, out / "sweep.png", tight=True))
     return written
+
+
+#: at most this many settings are drawn as curves in ``sweep.png``; more are drawn as points
+MAX_CURVES = 8
+
+
+def _varying(points: Sequence[SweepPoint]) -> list[str]:
+    """The categorical choices that take more than one value among ``points``, the
+    coarsest first (variant, reference, positions, phase)."""
+    return [key for key in ("variant", "reference", "positions", "apply_to") if len({p.choices[key] for p in points}) > 1]
+
+
+def _plot_group(points: Sequence[SweepPoint]) -> Callable[[SweepPoint], str]:
+    """The legend group of a point in a plot of many settings."""
+    keys = _varying(points)[:2]
+    if not keys:
+        return lambda p: f"layers {p.layers}"
+    return lambda p: ", ".join(f"{'phase' if key == 'apply_to' else key} {p.choices[key]}" for key in keys)
 
 
 def harness_measure(model: Any, processor: Any, examples: Sequence[Any], *, settings: Any = None,
