@@ -4,8 +4,9 @@ validation split: the safety-utility sweep.
 Every setting (``alpha`` x ``layers`` x ``positions`` x ``apply_to`` x ``variant`` x
 ``reference``) is calibrated anew (dataset variant: sequential vectors hold only for the
 alpha, layers and positions they were measured with; the sample variant needs no
-calibration), and then measured on the validation data by a ``measure`` callable (the demo's own, or :func:`harness_measure`
-over eval-harness benchmarks). Each point has three rates:
+calibration), and then measured on the validation data by a ``measure`` callable (the
+demo's own, or :func:`harness_measure` over eval-harness benchmarks). Each point has
+three rates:
 
 ``harmful_refused``  refusals of harmful requests (higher is better)
 ``benign_refused``   over-refusal of benign requests (lower is better)
@@ -153,7 +154,8 @@ class SelectionRule:
     def describe(self) -> str:
         return (f"most harmful refused with benign over-refusal <= baseline + {self.max_over_refusal_increase:g} and "
                 f"utility >= baseline - {self.max_utility_drop:g}; ties: smaller alpha, then fewer layers, then fewer "
-                "positions, then fewer phases, then dataset before sample variant, then reference blank, noise, none")
+                "positions, then fewer phases, then dataset before sample variant, then reference "
+                + ", ".join(DIMENSIONS["reference"]))
 
 
 @dataclass
