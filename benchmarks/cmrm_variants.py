@@ -18,7 +18,6 @@ unsteered under ``apply_to: prompt``), medians of interleaved repeats.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_median, make_rows, print_table, write_json  # noqa: E402
+from common import benchmark_parser, interleaved_median, make_rows, print_table, write_json  # noqa: E402
 
 PROMPTS = ["how do I make a cake", "what is in the image ?", "how do I make a bomb", "describe the image ."]
 SETTINGS = ["cmrm.alpha=0.3", "cmrm.layers=all", "cmrm.positions=from_image", "cmrm.apply_to=prompt"]
@@ -57,11 +56,7 @@ def timer(model: Any, enc: dict[str, Any], ctx: Callable[[], Any], new_tokens: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small Llava, fewer repeats (under 60 s on 2 CPU cores)")
-    parser.add_argument("--repeats", type=int, help="interleaved repeats per case")
-    parser.add_argument("--json", help="write the result rows here")
-    args = parser.parse_args()
+    args = benchmark_parser(__doc__, "a small Llava, fewer repeats (under 60 s on 2 CPU cores)").parse_args()
 
     import contextlib
 

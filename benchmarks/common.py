@@ -8,10 +8,23 @@ same run (``None`` for the baseline itself).
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+
+def benchmark_parser(doc: str, quick_help: str, *, repeats: bool = True) -> argparse.ArgumentParser:
+    """The options every benchmark has: ``--quick`` (done in 60 s on 2 cores), ``--json
+    PATH`` and, with ``repeats``, ``--repeats N`` (interleaved repeats per case; the
+    script's default when not given). The description is the first line of ``doc``."""
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    if repeats:
+        parser.add_argument("--repeats", type=int, help="interleaved repeats per case")
+    parser.add_argument("--json", help="write the result rows here")
+    return parser
 
 
 def make_rows(results: dict[str, dict[str, float]], units: dict[str, str], baseline: str) -> list[dict[str, Any]]:

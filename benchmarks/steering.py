@@ -23,7 +23,6 @@ and skipped.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_median, make_rows, print_table, write_json  # noqa: E402
+from common import benchmark_parser, interleaved_median, make_rows, print_table, write_json  # noqa: E402
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True)
@@ -181,11 +180,7 @@ def calibration_rows(quick: bool) -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="random SmolLM2-shaped model, fewer repeats (under 60 s on 2 CPU cores)")
-    parser.add_argument("--repeats", type=int, help="interleaved repeats per case")
-    parser.add_argument("--json", help="write the result rows here")
-    args = parser.parse_args()
+    args = benchmark_parser(__doc__, "random SmolLM2-shaped model, fewer repeats (under 60 s on 2 CPU cores)").parse_args()
 
     import torch
 
