@@ -184,6 +184,21 @@ def test_sweep_over_variants_and_references_runs_sample_level_uncalibrated(tmp_p
     assert better.to_dict()["reference_choices"] == ["blank", "none"]
 
 
+def test_sweep_keeps_a_sample_level_recipe_sample_level(tmp_path, tiny_llava, tiny_llava_processor):
+    seen = []
+
+    def measure(runtime):
+        if runtime is not None:
+            seen.append((runtime.recipe.cmrm.variant.value, runtime.recipe.cmrm.vectors))
+        return dict(BASE) if runtime is None else {"harmful_refused": 0.6, "benign_refused": 0.1, "utility": 0.8}
+
+    work = tmp_path / "work"
+    result = run_sweep(tiny_llava, tiny_llava_processor, calibration_rows(), measure, recipe="cmrm_llava15_sample",
+                       alphas=[0.5], layer_choices=["1-2"], workdir=work, progress=False)
+    assert seen == [("sample", None)] and list(work.iterdir()) == []  # nothing calibrated, no vector file
+    assert result.chosen.variant == "" and result.chosen.overrides == ["cmrm.alpha=0.5", "cmrm.layers=1-2"]
+
+
 def test_calibrate_sweep_cli_on_eval_harness_data(tmp_path, tiny_llava, tiny_llava_processor):
     model_dir = tmp_path / "model"
     tiny_llava.save_pretrained(model_dir)
@@ -220,6 +235,14 @@ def test_calibrate_sweep_cli_on_eval_harness_data(tmp_path, tiny_llava, tiny_lla
         chosen = SteeringVectors.load(out / "vectors.safetensors")
         assert f"chosen: cmrm.alpha={data['chosen']['alpha']:g} cmrm.layers=1-2 cmrm.apply_to=prompt cmrm.variant=dataset" in res.stdout
         assert chosen.alpha == [data["chosen"]["alpha"]] * 2 and chosen.layers == [1, 2]
+    # a sample-level recipe stays sample level without --variant-choice: nothing calibrated, no vector file
+    sample_cmd = [c for c in cmd if c not in ("--variant-choice", "dataset", "sample")]
+    sample_cmd[sample_cmd.index("cmrm_llava15_dataset")] = "cmrm_llava15_sample"
+    sample_cmd[sample_cmd.index(str(out))] = str(tmp_path / "sweep-sample")
+    res = subprocess.run(sample_cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "cmrm.vectors=" not in res.stdout and not (tmp_path / "sweep-sample" / "vectors.safetensors").exists()
+    assert not list((tmp_path / "sweep-sample" / "settings").iterdir())
     # bad input: no validation split, a file for --out
     bad = [c for c in cmd if c not in ("--validation", f"jsonl:{tmp_path / 'val.jsonl'}")]
     res = subprocess.run(bad, capture_output=True, text=True)

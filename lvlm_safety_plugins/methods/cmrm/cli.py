@@ -84,7 +84,7 @@ def _cmd_sweep(args: argparse.Namespace, recipe: Any) -> int:
     print(f"rule: {rule.describe()}")
     if result.chosen is None:
         print("chosen: none: " + result.to_dict()["reason"])
-    elif result.chosen.variant == "sample":  # measured per input at generation: no vector file
+    elif (result.chosen.variant or recipe.cmrm.variant.value) == "sample":  # measured per input: no vector file
         print(f"chosen: {' '.join(result.chosen.overrides)}")
     else:
         c = result.chosen
@@ -122,7 +122,7 @@ def add_calibrate_command(sub: Any) -> None:
                    help="steered phase to sweep: prompt, generated or both (repeatable; default: the recipe's)")
     s.add_argument("--variant-choice", action="append", metavar="VARIANT", choices=("dataset", "sample"),
                    help="CMRM variant to sweep: dataset (calibrated vectors) or sample (each input's own shift, no "
-                        "calibration) (repeatable; default: dataset)")
+                        "calibration) (repeatable; default: the recipe's)")
     s.add_argument("--reference-choice", action="append", metavar="REFERENCE", choices=("blank", "noise", "none"),
                    help="reference image of the shift to sweep: blank, noise or none (the input's own image) "
                         "(repeatable; default: the recipe's)")

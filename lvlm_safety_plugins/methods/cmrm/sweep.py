@@ -89,7 +89,7 @@ class SweepPoint:
     positions: str = ""
     #: the steered phase, ``apply_to`` ("" for the baseline, or when the recipe's was kept)
     apply_to: str = ""
-    #: the CMRM variant, ``dataset`` or ``sample`` ("" for the baseline, or when not swept: dataset)
+    #: the CMRM variant, ``dataset`` or ``sample`` ("" for the baseline, or when the recipe's was kept)
     variant: str = ""
     #: the reference image of the shift ("" for the baseline, or when the recipe's was kept)
     reference: str = ""
@@ -199,8 +199,8 @@ def run_sweep(
 ) -> SweepResult:
     """Calibrate and measure every ``alpha`` x ``layers`` setting of the CMRM ``recipe``
     (with ``overrides``), x every ``positions``, ``apply_to``, ``variant`` and
-    ``reference`` in the ``*_choices`` given (an empty one keeps the recipe's setting;
-    the variant is then ``dataset``). ``measure(runtime)`` returns the three rates with
+    ``reference`` in the ``*_choices`` given (an empty one keeps the recipe's setting).
+    ``measure(runtime)`` returns the three rates with
     that runtime's steering on (``runtime`` ``None``: the unsteered baseline).
     Dataset-level settings are calibrated on ``calibration`` (vector files go to
     ``workdir``, :func:`vectors_file`); sample-level ones need no calibration (each
@@ -222,29 +222,30 @@ def run_sweep(
     source = recipe.to_dict() if isinstance(recipe, Recipe) else recipe
     swept = {"variant": list(variant_choices), "reference": list(reference_choices), "positions": list(position_choices),
              "apply_to": list(apply_to_choices)}
-    settings: list[tuple[dict[str, str], str, int]] = []
+    settings: list[tuple[dict[str, str], str, int, bool]] = []
     seen: set[tuple[Any, ...]] = set()
     for values in itertools.product(*(choices or [""] for choices in swept.values())):
         choice = {key: dict(zip(swept, values))[key] for key in DIMENSIONS}
         for layers in layer_choices:
             cfg = load_recipe(source, [*overrides, f"cmrm.layers={layers}", "cmrm.vectors=unused.safetensors",
-                                       "cmrm.variant=dataset", *_swept_overrides(choice)]).cmrm
+                                       *_swept_overrides(choice)]).cmrm
             kinds = steered_positions(cfg.positions.value, cfg.apply_to.value)  # the recipe check has refused empty ones
             key = (cfg.variant.value, cfg.reference.value, str(layers), kinds)
             if key not in seen:
                 seen.add(key)
                 ids = parse_layers(cfg.layers)
-                settings.append((choice, str(layers), len(ids) if ids is not None else get_adapter(model).num_layers))
+                settings.append((choice, str(layers), len(ids) if ids is not None else get_adapter(model).num_layers,
+                                 cfg.variant.value == "dataset"))
     baseline = dict(measure(None))
     _check_metrics(baseline, "baseline")
     points = [SweepPoint(0.0, "none", baseline, 0)]
     bar = progress_bar(total=len(grid) * len(settings), desc="CMRM sweep", enabled=progress)
     try:
-        for choice, layers, n_layers in settings:
+        for choice, layers, n_layers, calibrated in settings:
             for alpha in grid:
                 point = SweepPoint(alpha, layers, {}, n_layers, **choice)
-                setting = [*overrides, "cmrm.variant=dataset", *point.overrides]
-                if choice["variant"] != "sample":
+                setting = [*overrides, *point.overrides]
+                if calibrated:  # dataset level: vectors calibrated for this setting
                     setting.append(f"cmrm.vectors={vectors_file(work, layers, alpha, **_file_choices(choice))}")
                 runtime = Runtime(load_recipe(source, setting), model=model, processor=processor)
                 runtime.calibrate(processor, calibration)  # the sample variant has nothing to calibrate
