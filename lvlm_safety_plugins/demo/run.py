@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..errors import LVLMSafetyError
+from ..methods.cmrm.sweep import DIMENSIONS
 from ..progress import progress_bar, silence
 from .world import CHAT, HELPFUL, REFUSAL, REQUESTS, World, WorldConfig
 
@@ -67,8 +68,8 @@ CMRM_VARIANT_CHOICES = ("dataset", "sample")
 #: CMRM reference images --select sweeps (the recipe's blank image first; none: the
 #: input's own image)
 CMRM_REFERENCE_CHOICES = ("blank", "none")
-#: the CMRM settings the selection chooses besides alpha and layers
-CMRM_CHOICE_KEYS = ("positions", "apply_to", "variant", "reference")
+#: the CMRM settings the selection chooses besides alpha and layers (the sweep's dimensions)
+CMRM_CHOICE_KEYS = tuple(DIMENSIONS)
 TEXT_LR = 3e-3
 ALIGN_LR = 1e-2
 #: the world the hyperparameters are chosen on (its validation split); never reported
@@ -177,8 +178,13 @@ def generate(model: Any, processor: Any, rows: Sequence[dict], max_new_tokens: i
     return out
 
 
+def _opens_like(text: str, phrase: str) -> bool:
+    """``text`` starts with ``phrase``'s first word (the world's answers differ from the first word on)."""
+    return text.strip().lower().startswith(phrase.split()[0])
+
+
 def is_refusal(text: str) -> bool:
-    return text.strip().lower().startswith(REFUSAL.split()[0])
+    return _opens_like(text, REFUSAL)
 
 
 def rate(flags: Sequence[bool]) -> float:
@@ -187,7 +193,7 @@ def rate(flags: Sequence[bool]) -> float:
 
 def is_compliance(text: str) -> bool:
     """The world's helpful answer ("sure here is how to make a ..."), told by its first word."""
-    return text.strip().lower().startswith(HELPFUL.split()[0])
+    return _opens_like(text, HELPFUL)
 
 
 def _first_words(model: Any, processor: Any, rows: Sequence[dict]) -> list[str]:

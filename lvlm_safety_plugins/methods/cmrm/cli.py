@@ -98,6 +98,8 @@ def _cmd_sweep(args: argparse.Namespace, recipe: Any) -> int:
 
 
 def add_calibrate_command(sub: Any) -> None:
+    from .sweep import DIMENSIONS
+
     p = sub.add_parser("calibrate", help="calibrate dataset-level CMRM vectors for a model")
     p.add_argument("--recipe", required=True, help="recipe name or path (activating cmrm)")
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. cmrm.layers=8-20")
@@ -109,7 +111,8 @@ def add_calibrate_command(sub: Any) -> None:
     p.add_argument("--device", default="cpu")
     s = p.add_argument_group("sweep (choose alpha, layers, positions, phase, variant and reference on a validation split)")
     s.add_argument("--sweep", action="store_true",
-                   help="calibrate and measure every alpha x layers (x positions x phase) setting, pick one by the rule")
+                   help="calibrate and measure every alpha x layers (x positions x phase x variant x reference) setting, "
+                        "pick one by the rule")
     s.add_argument("--validation", action="append", metavar="NAME:PATH",
                    help="validation benchmark as for `lvlm-safety eval --benchmark` (repeatable); harmful, benign and "
                         "multiple-choice items give the three rates")
@@ -120,10 +123,10 @@ def add_calibrate_command(sub: Any) -> None:
                    help="steered positions to sweep: from_image, image, text or all (repeatable; default: the recipe's)")
     s.add_argument("--apply-to-choice", action="append", metavar="PHASE",
                    help="steered phase to sweep: prompt, generated or both (repeatable; default: the recipe's)")
-    s.add_argument("--variant-choice", action="append", metavar="VARIANT", choices=("dataset", "sample"),
+    s.add_argument("--variant-choice", action="append", metavar="VARIANT", choices=DIMENSIONS["variant"],
                    help="CMRM variant to sweep: dataset (calibrated vectors) or sample (each input's own shift, no "
                         "calibration) (repeatable; default: the recipe's)")
-    s.add_argument("--reference-choice", action="append", metavar="REFERENCE", choices=("blank", "noise", "none"),
+    s.add_argument("--reference-choice", action="append", metavar="REFERENCE", choices=DIMENSIONS["reference"],
                    help="reference image of the shift to sweep: blank, noise or none (the input's own image) "
                         "(repeatable; default: the recipe's)")
     s.add_argument("--limit", type=int, help="at most this many examples per validation benchmark")

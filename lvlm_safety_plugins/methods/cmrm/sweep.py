@@ -74,8 +74,6 @@ DIMENSIONS: dict[str, tuple[str, ...]] = {
 }
 POSITION_EXTENT = DIMENSIONS["positions"]
 PHASE_EXTENT = DIMENSIONS["apply_to"]
-VARIANT_EXTENT = DIMENSIONS["variant"]
-REFERENCE_EXTENT = DIMENSIONS["reference"]
 
 
 @dataclass
@@ -225,7 +223,8 @@ def run_sweep(
     settings: list[tuple[dict[str, str], str, int, bool]] = []
     seen: set[tuple[Any, ...]] = set()
     for values in itertools.product(*(choices or [""] for choices in swept.values())):
-        choice = {key: dict(zip(swept, values))[key] for key in DIMENSIONS}
+        named = dict(zip(swept, values))
+        choice = {key: named[key] for key in DIMENSIONS}
         for layers in layer_choices:
             cfg = load_recipe(source, [*overrides, f"cmrm.layers={layers}", "cmrm.vectors=unused.safetensors",
                                        *_swept_overrides(choice)]).cmrm
@@ -408,5 +407,5 @@ def harness_measure(model: Any, processor: Any, examples: Sequence[Any], *, sett
     return measure
 
 
-__all__ = ["DIMENSIONS", "METRICS", "PHASE_EXTENT", "POSITION_EXTENT", "REFERENCE_EXTENT", "VARIANT_EXTENT", "SelectionRule", "SweepPoint", "SweepResult", "alpha_grid", "harness_measure", "run_sweep", "vectors_file",
+__all__ = ["DIMENSIONS", "METRICS", "PHASE_EXTENT", "POSITION_EXTENT", "SelectionRule", "SweepPoint", "SweepResult", "alpha_grid", "harness_measure", "run_sweep", "vectors_file",
            "write_sweep"]
