@@ -42,6 +42,11 @@ gradient checkpointing of a layer       reentrant by default up to 4.57 (``use_r
                                         hooks run inside the checkpoint under no_grad;
                                         5.x: non-reentrant by default, around ``forward``
                                         (:func:`non_reentrant_checkpointing`)
+turning gradient checkpointing on       ``gradient_checkpointing_enable(gradient_
+                                        checkpointing_kwargs=)`` up to 5.24;
+                                        ``activation_checkpointing_enable(activation_
+                                        checkpointing_kwargs=)`` from 5.25 (the old name
+                                        deprecated) (:func:`enable_checkpointing`)
 ======================================  =====================================================
 """
 
@@ -59,7 +64,7 @@ from .errors import UnsupportedModelError
 #: the transformers versions the test suite passes on (pyproject's requirement): the
 #: floor is what LLaVA-1.5 users run, the ceiling the next minor after the newest
 #: release tested
-TESTED_TRANSFORMERS = ">=4.37.2,<5.25"
+TESTED_TRANSFORMERS = ">=4.37.2,<5.26"
 
 #: ``config.to_dict()`` keys that say nothing about the architecture (paths, versions,
 #: dtypes, run-time switches), left out of model fingerprints. The dtype key is
@@ -406,6 +411,18 @@ def reentrant_checkpointing(model: Any) -> list[Any]:
     return out
 
 
+def enable_checkpointing(model: Any, *, use_reentrant: bool | None = None) -> None:
+    """Turn on transformers' gradient checkpointing of ``model`` under this version's
+    name (``activation_checkpointing_enable`` from 5.25, ``gradient_checkpointing_enable``
+    before), with ``use_reentrant`` passed to torch's checkpoint when given (unset:
+    transformers' default, reentrant up to 4.57)."""
+    kwargs = None if use_reentrant is None else {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def non_reentrant_checkpointing(model: Any) -> list[Any]:
     """Switch every module with reentrant gradient checkpointing from
     :func:`reentrant_checkpointing` to ``torch.utils.checkpoint.checkpoint(...,
@@ -450,6 +467,7 @@ def processor_has_chat_template_api(processor: Any) -> bool:
 
 
 __all__ = [
+    "enable_checkpointing",
     "non_reentrant_checkpointing",
     "reentrant_checkpointing",
     "DECODER_LAYER_PATHS",

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import GPTNeoConfig, GPTNeoForCausalLM, TrainingArguments
 
-from lvlm_safety_plugins import Runtime, get_adapter, load_recipe
+from lvlm_safety_plugins import Runtime, compat, get_adapter, load_recipe
 from lvlm_safety_plugins.errors import LVLMSafetyError, RecipeError
 from lvlm_safety_plugins.integrations.hf_training import LlavaSFTCollator, SafetyCollator, SafetyTrainer
 from lvlm_safety_plugins.methods.comparative import (
@@ -369,7 +369,7 @@ def test_drop_site_dropout_needs_dropout_modules_and_checkpointing_is_refused():
     with pytest.raises(LVLMSafetyError, match="nn.Dropout"):
         _step(recipe, rows(2, retrieved=False))
     model = build_tiny_llava(seed=0).train()
-    model.gradient_checkpointing_enable()
+    compat.enable_checkpointing(model)
     with pytest.raises(LVLMSafetyError, match="gradient checkpointing"):
         _step(load_recipe("comparative"), rows(2, retrieved=False), model)
     # crops act on the inputs and the projector, outside the checkpointed layers

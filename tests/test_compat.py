@@ -21,6 +21,7 @@ VERSION_COUPLED = {
     "_merge_input_ids_with_image_features", "ALL_LAYERNORM_LAYERS", "torch_dtype", "processing_class",
     "past_key_values", "get_seq_length", "mm_encoder_outputs", "cache_position", "model_accepts_loss_kwargs",
     "loss_is_scaled_for_ga", "average_tokens_across_devices", "safe_globals", "language_model",
+    "gradient_checkpointing_enable", "activation_checkpointing_enable",
 }
 
 
@@ -71,8 +72,27 @@ def test_pyproject_declares_the_tested_range_and_this_install_is_in_it():
     spec = [d for d in meta["project"]["dependencies"] if d.replace(" ", "").startswith("transformers")]
     assert spec == [f"transformers{compat.TESTED_TRANSFORMERS}"]
     assert compat.version_in_tested_range(), f"transformers {transformers.__version__} is outside {compat.TESTED_TRANSFORMERS}"
-    assert compat.version_in_tested_range("4.37.2") and compat.version_in_tested_range("5.24.0")
-    assert not compat.version_in_tested_range("4.36.2") and not compat.version_in_tested_range("5.25.0")
+    assert compat.version_in_tested_range("4.37.2") and compat.version_in_tested_range("5.25.0")
+    assert not compat.version_in_tested_range("4.36.2") and not compat.version_in_tested_range("5.26.0")
+
+
+def test_enable_checkpointing_sets_the_checkpoint_function_without_deprecation_warnings():
+    import warnings
+
+    from lvlm_safety_plugins.testing import build_tiny_llava
+
+    for use_reentrant in (True, False):
+        model = build_tiny_llava(seed=0).train()
+        assert not compat.reentrant_checkpointing(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            compat.enable_checkpointing(model, use_reentrant=use_reentrant)
+        on = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+        assert on, "no module has gradient checkpointing on"
+        assert bool(compat.reentrant_checkpointing(model)) is use_reentrant
+        if use_reentrant:
+            assert compat.non_reentrant_checkpointing(model) == []
+            assert not compat.reentrant_checkpointing(model)
 
 
 def test_an_untested_version_is_warned_about_once(monkeypatch):

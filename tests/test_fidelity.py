@@ -310,9 +310,7 @@ def test_library_layer_l_is_hidden_states_l_plus_1_and_recipes_name_the_papers_l
 
 
 def _enable_reentrant_checkpointing(model):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    compat.enable_checkpointing(model, use_reentrant=True)
 
 
 def test_tga_term_alone_trains_the_projector_under_reentrant_checkpointing():

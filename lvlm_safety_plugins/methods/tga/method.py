@@ -309,7 +309,8 @@ class TGA(Method):
                     f"tga: gradient checkpointing of {type(left[0]).__name__} uses a checkpoint function that is not "
                     "torch.utils.checkpoint.checkpoint, which this plugin cannot switch to use_reentrant=False; a reentrant "
                     "checkpoint runs the forward under no_grad, so the TGA terms would train nothing. Turn that "
-                    "checkpointing off, or enable transformers' with gradient_checkpointing_kwargs={'use_reentrant': False}"
+                    "checkpointing off, or use transformers' non-reentrant checkpointing instead "
+                    "(lvlm_safety_plugins.compat.enable_checkpointing(model, use_reentrant=False))"
                 )
         if self.config.caption_context == CaptionContext.prompt:
             teacher = self.teacher_batch(adapter, batch, cap_ids, cap_mask, extras.get(RETRIEVED_MASK))
