@@ -77,8 +77,6 @@ def test_pyproject_declares_the_tested_range_and_this_install_is_in_it():
 
 
 def test_enable_checkpointing_sets_the_checkpoint_function_without_deprecation_warnings():
-    import warnings
-
     from lvlm_safety_plugins.testing import build_tiny_llava
 
     for use_reentrant in (True, False):

@@ -309,16 +309,12 @@ def test_library_layer_l_is_hidden_states_l_plus_1_and_recipes_name_the_papers_l
 # -- TGA 6: gradient checkpointing ---------------------------------------------------------------
 
 
-def _enable_reentrant_checkpointing(model):
-    compat.enable_checkpointing(model, use_reentrant=True)
-
-
 def test_tga_term_alone_trains_the_projector_under_reentrant_checkpointing():
     model = build_tiny_llava(seed=5)
     processor = build_tiny_llava_processor()
     adapter = get_adapter(model)
     adapter.set_trainable("projector")
-    _enable_reentrant_checkpointing(model)
+    compat.enable_checkpointing(model, use_reentrant=True)
     model.train()
     assert compat.reentrant_checkpointing(model)  # what LLaVA's train() gets on transformers 4.x
     recipe = load_recipe({"plugins": ["tga"], "tga": {"layers": [1, 2], "schedule": "constant"}})
