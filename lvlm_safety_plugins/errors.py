@@ -52,10 +52,17 @@ class UnknownHookError(PluginError):
         self.plugin, self.hook, self.error = plugin, name, error
 
 
-class RecipeError(LVLMSafetyError):
+class ConfigError(LVLMSafetyError, ValueError):
+    """An argument or option has a value the library cannot use (the message names the
+    option and lists the valid values)."""
+
+
+class RecipeError(ConfigError):
     """A recipe could not be found, parsed, composed or validated.
 
     ``source`` is the file (or the override) the problem is in; ``key`` the dotted key.
+    A recipe is configuration, so ``except ConfigError`` (and ``except ValueError``)
+    catches it too.
     """
 
     def __init__(self, message: str, source: str | None = None, key: str | None = None) -> None:
@@ -67,22 +74,30 @@ class RecipeError(LVLMSafetyError):
         if key:
             where.append(f"key {key!r}")
         prefix = ": ".join(where)
-        super().__init__(f"{prefix}: {message}" if prefix else message)
-
-
-class ConfigError(LVLMSafetyError, ValueError):
-    """An argument or option has a value the library cannot use (the message names the
-    option and lists the valid values)."""
+        # not super(): in RecipeValueError the next class is ConfigValueError(key, message)
+        Exception.__init__(self, f"{prefix}: {message}" if prefix else message)
 
 
 class ConfigValueError(ConfigError):
     """Raised by a method config's ``check(cfg)`` for a value OmegaConf's typing cannot
-    rule out; ``key`` is the field inside the method's section. The recipe loader turns
-    it into a :class:`RecipeError` naming the file and the dotted key."""
+    rule out; ``key`` is the field inside the method's section. The recipe loader
+    re-raises it as a :class:`RecipeValueError` (a ``RecipeError`` *and* a
+    ``ConfigValueError``) naming the file and the dotted key, with the original chained
+    as ``__cause__``: ``pytest.raises(ConfigValueError)``, ``except ConfigError`` and
+    ``except RecipeError`` all catch it."""
 
     def __init__(self, key: str, message: str) -> None:
         self.key = key
         super().__init__(message)
+
+
+class RecipeValueError(RecipeError, ConfigValueError):
+    """A method config's ``check`` refused a value of a loaded recipe. ``key`` is the
+    dotted key (``cmrm.alpha``), ``source`` the file or override that set it,
+    ``__cause__`` the check's own :class:`ConfigValueError`."""
+
+    def __init__(self, message: str, source: str | None = None, key: str | None = None) -> None:
+        RecipeError.__init__(self, message, source, key)
 
 
 class LayerError(LVLMSafetyError, ValueError, IndexError):
@@ -145,6 +160,7 @@ __all__ = [
     "LayerError",
     "PluginError",
     "RecipeError",
+    "RecipeValueError",
     "ServingError",
     "StepError",
     "SteeringError",

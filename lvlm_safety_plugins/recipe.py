@@ -15,8 +15,12 @@ across the chain (``~name`` removes a method); every other key follows "later wi
 
 Every fragment (file or override) is validated on its own, so an error names the file
 the bad key is written in, the dotted key, and the valid choices. Recipes cannot execute
-code: no resolvers beyond OmegaConf's built-in ones are registered, and every
-interpolation is resolved at load time so a bad one fails early.
+code: only the resolvers in :data:`ALLOWED_RESOLVERS` (OmegaConf's own ``oc.select``,
+``oc.decode``, ``oc.create``, ``oc.dict.keys``, ``oc.dict.values``) may appear, whatever
+other module registered more with OmegaConf; ``oc.env`` is refused, since a composed
+recipe is copied into saved files (vector files, reports) and must not carry an
+environment variable (a token) into them. Every interpolation is resolved at load time
+so a bad one fails early, naming the file and the key.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
@@ -32,13 +37,16 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from .errors import RecipeError
+from .errors import RecipeError, RecipeValueError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .methods.base import Method
     from .plugins import SafetyPluginManager
 
 CORE_KEYS = ("defaults", "description", "plugins")
+#: the only resolvers a recipe may use (``${name:...}``); see the module docstring
+ALLOWED_RESOLVERS = ("oc.create", "oc.decode", "oc.dict.keys", "oc.dict.values", "oc.select")
+_RESOLVER_CALL = re.compile(r"\$\{\s*([A-Za-z_][\w.\-]*)\s*:")
 RECIPE_SUFFIXES = (".yaml", ".yml")
 
 
@@ -163,8 +171,30 @@ def _section_error(exc: OmegaConfBaseException, section: str, config_class: type
     return RecipeError(msg, source, key)
 
 
+def _check_resolvers(value: Any, source: str, key: str = "") -> None:
+    """Refuse every ``${resolver:...}`` not in :data:`ALLOWED_RESOLVERS` (``oc.env``
+    with its own reason), naming the file and the dotted key."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_resolvers(v, source, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_resolvers(v, source, f"{key}[{i}]")
+    elif isinstance(value, str):
+        for name in _RESOLVER_CALL.findall(value):
+            if name == "oc.env":
+                raise RecipeError(
+                    "${oc.env:...} is not allowed in a recipe: the composed recipe is saved into output files (vector "
+                    "files, reports), which must not carry environment variables; pass the value as an override instead",
+                    source, key or None)
+            if name not in ALLOWED_RESOLVERS:
+                raise RecipeError(f"resolver {name!r} is not allowed in a recipe (allowed: {', '.join(ALLOWED_RESOLVERS)})",
+                                  source, key or None)
+
+
 def _validate_fragment(raw: DictConfig, source: str, methods: dict[str, type["Method"]]) -> DictConfig:
     """Check one file or override fragment; return it with sections typed."""
+    _check_resolvers(OmegaConf.to_container(raw, resolve=False), source)
     allowed = set(CORE_KEYS) | set(methods)
     for key in raw.keys():
         if key not in allowed:
@@ -180,6 +210,7 @@ def _validate_fragment(raw: DictConfig, source: str, methods: dict[str, type["Me
             plugins = [plugins]
         if not isinstance(plugins, (list, ListConfig)):
             raise RecipeError("must be a list of method names", source, "plugins")
+        seen: dict[str, int] = {}
         for i, name in enumerate(plugins):
             bare = str(name).lstrip("~")
             if bare not in methods:
@@ -188,7 +219,11 @@ def _validate_fragment(raw: DictConfig, source: str, methods: dict[str, type["Me
                     source,
                     f"plugins[{i}]",
                 )
-    if "description" in raw and not isinstance(raw["description"], str):
+            if str(name) in seen:
+                raise RecipeError(f"plugin {bare!r} is listed twice (plugins[{seen[str(name)]}] and plugins[{i}]); "
+                                  "a method runs once", source, f"plugins[{i}]")
+            seen[str(name)] = i
+    if "description" in raw and not isinstance(OmegaConf.to_container(raw, resolve=False)["description"], str):
         raise RecipeError("must be a string", source, "description")
     for section, method in methods.items():
         if section not in raw:
@@ -328,8 +363,8 @@ def load_recipe(
                     raise _section_error(exc, section, methods[section].config_class, source) from None
         composed[section] = cfg
     for source, frag in fragments:
-        if "description" in frag:
-            composed["description"] = frag["description"]
+        if "description" in frag:  # unresolved: it may point into a method section
+            composed["description"] = OmegaConf.to_container(frag, resolve=False)["description"]
     config = OmegaConf.create(composed)
     top = str(path)
     try:
@@ -359,7 +394,8 @@ def load_recipe(
                     sec = frag.get(section)
                     if isinstance(sec, DictConfig) and (bad_key is None or bad_key in sec):
                         where = source
-                raise RecipeError(str(exc), where, f"{section}.{bad_key}" if bad_key else section) from None
+                # a RecipeError that is also a ConfigValueError, the check's error chained
+                raise RecipeValueError(str(exc), where, f"{section}.{bad_key}" if bad_key else section) from exc
     OmegaConf.set_readonly(config, False)
     name = Path(str(path)).name.rsplit(".", 1)[0] if str(path).endswith(RECIPE_SUFFIXES) else str(path)
     return Recipe(name=name, path=top, config=config, sources=[s for s, _ in fragments])
@@ -388,4 +424,4 @@ def as_recipe(
     return load_recipe(dict(recipe) if isinstance(recipe, Mapping) else recipe, overrides, pm=pm)
 
 
-__all__ = ["Recipe", "as_recipe", "available_recipes", "find_recipe", "load_recipe", "recipe_from_dict"]
+__all__ = ["ALLOWED_RESOLVERS", "Recipe", "as_recipe", "available_recipes", "find_recipe", "load_recipe", "recipe_from_dict"]

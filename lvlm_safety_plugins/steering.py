@@ -48,6 +48,7 @@ import contextlib
 import contextvars
 import functools
 import itertools
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
@@ -685,20 +686,35 @@ def add_vectors(
     sorted layer order, or a ``{layer: float}`` mapping. ``positions``, ``scope``,
     ``adapter`` and ``name`` are :func:`apply`'s."""
     adapter = adapter if adapter is not None else get_adapter(model)
+    # negative ids are normalised once; two keys naming one layer ({-1: v, 3: w} on 4
+    # layers) are a LayerError naming both, never one vector silently dropped
     layers = adapter.resolve_layers(sorted(int(l) for l in vectors))
     table = {resolved: vectors[original] for resolved, original in zip(layers, sorted(vectors))}
     if isinstance(scale, (int, float)):
         scales: float | Mapping[int, float] = float(scale)
+        named = {"scale": float(scale)}
     elif isinstance(scale, Mapping):
-        scales = {adapter.resolve_layers([int(l)])[0]: float(s) for l, s in scale.items()}
+        keys = adapter.resolve_layers([int(l) for l in scale])
+        scales = {resolved: float(scale[l]) for resolved, l in zip(keys, scale)}
+        named = {f"scale[{l}]": v for l, v in scales.items()}
     else:
         values = [float(s) for s in scale]
         if len(values) != len(layers):
             raise SteeringError(f"scale has {len(values)} values for {len(layers)} steered layers")
         scales = dict(zip(layers, values))
+        named = {f"scale[{i}]": v for i, v in enumerate(values)}
+    bad = [k for k, v in named.items() if not math.isfinite(v)]
+    if bad:
+        raise SteeringError(f"{', '.join(bad)} is not finite ({', '.join(str(named[k]) for k in bad)}): a steering scale "
+                            "must be a finite number")
     for layer, vector in table.items():
+        if not isinstance(vector, torch.Tensor):
+            raise SteeringError(f"layer {layer}: expected a tensor, got {type(vector).__name__}")
         if tuple(vector.shape) != (adapter.hidden_size,):
             raise SteeringError(f"layer {layer}: expected a vector of size {adapter.hidden_size}, got shape {tuple(vector.shape)}")
+        if not bool(torch.isfinite(vector).all()):
+            raise SteeringError(f"layer {layer}: the vector has {int((~torch.isfinite(vector)).sum())} non-finite values "
+                                "(NaN or inf); steering with it would make every logit NaN")
     return apply(model, vector_edit(table, scales), layers=layers, positions=positions, scope=scope, adapter=adapter, name=name)
 
 

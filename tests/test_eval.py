@@ -685,7 +685,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, tiny_llava, tiny_
     second = CountingGenerator(tiny_llava, tiny_llava_processor, GEN, model_id="tiny")
     resumed = evaluate(tiny_llava, tiny_llava_processor, spec, out=tmp_path / "resumed", generator=second, **kwargs)
     assert second.asked == ["x0", "x1", "x2"]  # only the rest
-    assert resumed["cache"] == {"reused": 3, "generated": 3}
+    assert resumed["cache"] == {"reused": 3, "generated": 3, "regenerated": 0, "why": {}}
     assert (tmp_path / "resumed" / "examples.jsonl").read_text() == (tmp_path / "full" / "examples.jsonl").read_text()
     assert resumed["results"] == full["results"]
 

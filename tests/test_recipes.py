@@ -84,8 +84,13 @@ def test_plugins_union_and_removal(tmp_path):
         ("plugins: [cmrm]\ncmrm: {positions: image, apply_to: generated}\n", "cmrm.apply_to", "steers nothing"),
         ("plugins: [cmrm]\ncmrm: 3\n", "cmrm", "must be a mapping"),
         ("defaults: [no_such_recipe]\n", "defaults[0]", "unknown recipe 'no_such_recipe'; available recipes: cmrm_llava15_dataset"),
-        ("plugins: [cmrm]\ncmrm: {alpha: '${oc.env:LVLM_TEST_SURELY_UNSET_VAR}'}\n", None, "bad interpolation"),
-        ("plugins: [cmrm]\ncmrm: {alpha: '${eval:1+1}'}\n", None, "bad interpolation"),
+        ("plugins: [cmrm]\ncmrm: {alpha: '${oc.env:LVLM_TEST_SURELY_UNSET_VAR}'}\n", "cmrm.alpha", "${oc.env:...} is not allowed"),
+        ("plugins: [cmrm]\ncmrm: {alpha: '${eval:1+1}'}\n", "cmrm.alpha", "resolver 'eval' is not allowed"),
+        ("plugins: [cmrm]\ndescription: '${cmrm.nope}'\n", "description", "bad interpolation"),
+        ("plugins: [cmrm, cmrm]\n", "plugins[1]", "plugin 'cmrm' is listed twice"),
+        ("plugins: [cmrm]\ncmrm: {alpha: .nan}\n", "cmrm.alpha", "alpha is nan: alpha must be a finite number"),
+        ("plugins: [cmrm]\ncmrm: {alpha: [.inf, 1]}\n", "cmrm.alpha", "alpha[0] is inf"),
+        ("plugins: [cmrm]\ncmrm: {layers: '1,1'}\n", "cmrm.layers", "layer(s) [1] listed twice"),
     ],
 )
 def test_bad_recipe_errors_name_file_key_and_choices(tmp_path, text, key, fragment):

@@ -212,15 +212,21 @@ class ModelAdapter:
         return 0
 
     def resolve_layers(self, layers: Sequence[int] | None) -> list[int]:
-        """Validate layer ids (``None``: all); negative ids count from the end."""
+        """Validate layer ids (``None``: all); negative ids count from the end. Two ids
+        naming the same layer (``1`` and ``-3`` of 4) are an error naming both."""
         n = self.num_layers
         if layers is None:
             return list(range(n))
-        out = []
+        out: list[int] = []
+        given: dict[int, Any] = {}
         for layer in layers:
             idx = int(layer) + n if int(layer) < 0 else int(layer)
             if not 0 <= idx < n:
                 raise LayerError(f"layer {layer} does not exist: {type(self.model).__name__} has {n} decoder layers (0-{n - 1})")
+            if idx in given:
+                raise LayerError(f"layers {given[idx]} and {layer} both name decoder layer {idx} of "
+                                 f"{type(self.model).__name__} ({n} layers): each layer can be selected once")
+            given[idx] = layer
             out.append(idx)
         return out
 

@@ -102,6 +102,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(markdown(results), end="")
     cache = results["cache"]
     print(f"\ngenerated {cache['generated']} answers, reused {cache['reused']} from {out / 'generations.jsonl'}")
+    if cache.get("regenerated"):
+        print(f"regenerated {cache['regenerated']} cached answers that no longer fit:")
+        for reason, n in sorted(cache.get("why", {}).items()):
+            print(f"  {reason} ({n} answers)")
     for kind, path in results["files"].items():
         print(f"wrote {path}")
     if results.get("plot_error"):

@@ -154,37 +154,111 @@ def _batches(examples: Sequence[Example], size: int) -> Iterator[list[Example]]:
         yield batch
 
 
-def _runtime(run: RunSpec, model: Any, processor: Any, pm: Any) -> Any:
+def load_run_recipes(runs: Sequence[RunSpec], pm: Any = None) -> dict[str, Any]:
+    """Every run's recipe, loaded and validated (``{run name: Recipe or None}``): called
+    before any generation, so a bad ``--recipe`` fails before the first answer, naming
+    the run."""
+    from ..errors import RecipeError
+    from ..recipe import as_recipe
+
+    out: dict[str, Any] = {}
+    for run in runs:
+        if run.recipe is None:
+            out[run.name] = None
+            continue
+        try:
+            out[run.name] = as_recipe(run.recipe, run.overrides, pm=pm)
+        except RecipeError as exc:
+            raise RecipeError(f"run {run.name!r}: {exc}") from exc
+    return out
+
+
+def _runtime(run: RunSpec, model: Any, processor: Any, pm: Any, recipe: Any = None) -> Any:
     if run.recipe is None:
         return None
     from ..recipe import as_recipe
     from ..runtime import Runtime
 
-    return Runtime(as_recipe(run.recipe, run.overrides, pm=pm), model=model, processor=processor, pm=pm)
+    recipe = recipe if recipe is not None else as_recipe(run.recipe, run.overrides, pm=pm)
+    return Runtime(recipe, model=model, processor=processor, pm=pm)
+
+
+def model_identity(model: Any = None, model_id: str | None = None) -> dict[str, Any]:
+    """What the answers of ``model`` depend on besides its name: a digest of its loaded
+    weights (:func:`~lvlm_safety_plugins.identity.weights_digest`) and, when
+    ``model_id`` is a folder, its weight files' sizes, mtimes and hashes."""
+    from ..identity import weights_digest, weights_files_identity
+
+    out: dict[str, Any] = {}
+    if model is not None and callable(getattr(model, "named_parameters", None)):
+        out["weights"] = weights_digest(model)
+    if model_id:
+        files = weights_files_identity(model_id)
+        if files:
+            out["files"] = files
+    return out
+
+
+def _stale_reasons(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]:
+    """Why a cached answer no longer fits (from the ``parts`` records carry)."""
+    if not old:
+        return ["the cached answer was written by an earlier version (no content keys)"]
+    labels = {"model": "the model's weights changed", "generator": "the generation settings changed",
+              "recipe": "the recipe changed", "input": "the prompt or image changed"}
+    out = []
+    old_files, new_files = dict(old.get("files") or {}), dict(new.get("files") or {})
+    for path in sorted(set(old_files) | set(new_files)):
+        if old_files.get(path) != new_files.get(path):
+            out.append(f"file {path} changed")
+    for key, label in labels.items():
+        if old.get(key) != new.get(key):
+            out.append(label)
+    return out or ["its key changed"]
 
 
 def generate_all(generator: Any, examples: Mapping[str, Sequence[Example]], runs: Sequence[RunSpec], log: RecordLog, *,
                  model: Any = None, processor: Any = None, batch_size: int = 8, progress: bool = True, pm: Any = None,
-                 sink: RecordLog | None = None, shard: tuple[int, int] | None = None) -> dict[str, int]:
+                 sink: RecordLog | None = None, shard: tuple[int, int] | None = None,
+                 identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Answers for every (run, benchmark, example) not yet in ``log``; each batch is
     appended to ``sink`` (default: the log) as soon as it is done. With ``shard =
     (rank, world)`` this process answers every ``world``-th missing example from
-    ``rank``. Returns counts of reused and new."""
+    ``rank``.
+
+    A cached answer is reused only when everything it was made from is unchanged: the
+    generator's settings, the recipe, the *content* of every file the recipe names (a
+    vector file recalibrated into the same path), the model's weights (``identity``,
+    default :func:`model_identity` of ``model``) and the prompt and image. Returns
+    counts: ``reused``, ``generated``, ``regenerated`` (cached answers that no longer
+    fit) and ``why`` (``{reason: count}`` for those)."""
+    from ..identity import recipe_files
     from ..progress import progress_bar
 
-    counts = {"reused": 0, "generated": 0}
+    counts: dict[str, Any] = {"reused": 0, "generated": 0, "regenerated": 0, "why": {}}
+    recipes = load_run_recipes(runs, pm)  # every recipe checked before the first answer
+    model_key = fingerprint(dict(identity) if identity is not None else model_identity(model))
     for run in runs:
-        runtime = _runtime(run, model, processor, pm)
-        run_key = {"generator": generator.describe(), "recipe": runtime.recipe.to_yaml() if runtime is not None else None}
-        todo: dict[str, list[tuple[Example, str, str]]] = {}
+        runtime = _runtime(run, model, processor, pm, recipes[run.name])
+        gen_key = fingerprint(generator.describe())
+        recipe_key = fingerprint(runtime.recipe.to_yaml() if runtime is not None else None)
+        files = recipe_files(runtime.recipe) if runtime is not None else {}
+        todo: dict[str, list[tuple[Example, str, str, dict[str, Any]]]] = {}
         for bench, items in examples.items():
             for example in items:
                 text = generator.prompt_text(example)
-                sha = fingerprint(run_key, text, example.image_ref)
-                if log.get((run.name, bench, example.id), sha) is None:
-                    todo.setdefault(bench, []).append((example, text, sha))
-                else:
+                parts = {"generator": gen_key, "recipe": recipe_key, "files": files, "model": model_key,
+                         "input": fingerprint(text, example.image_ref)}
+                sha = fingerprint(parts)
+                cached = log.get((run.name, bench, example.id))
+                if cached is not None and cached.get("sha") == sha:
                     counts["reused"] += 1
+                    continue
+                if cached is not None:
+                    counts["regenerated"] += 1
+                    for reason in _stale_reasons(cached.get("parts"), parts):
+                        key = f"run {run.name!r}: {reason}"
+                        counts["why"][key] = counts["why"].get(key, 0) + 1
+                todo.setdefault(bench, []).append((example, text, sha, parts))
         if shard is not None:
             todo = {bench: items[shard[0]::shard[1]] for bench, items in todo.items()}
             todo = {bench: items for bench, items in todo.items() if items}
@@ -202,8 +276,8 @@ def generate_all(generator: Any, examples: Mapping[str, Sequence[Example]], runs
                 bar = progress_bar(total=total, initial=total - len(items), desc=f"{run.name} | {bench}", unit="ex",
                                    enabled=progress and (shard is None or shard[0] == 0))
                 try:
-                    info = {id(e): (text, sha) for e, text, sha in items}
-                    for batch in _batches([e for e, _, _ in items], batch_size):
+                    info = {id(e): (text, sha, parts) for e, text, sha, parts in items}
+                    for batch in _batches([e for e, _, _, _ in items], batch_size):
                         try:
                             answers = generator.generate(batch)
                         except LVLMSafetyError:
@@ -215,7 +289,8 @@ def generate_all(generator: Any, examples: Mapping[str, Sequence[Example]], runs
                         if len(answers) != len(batch):
                             raise LVLMSafetyError(f"the generator returned {len(answers)} answers for {len(batch)} prompts")
                         (sink or log).append({"run": run.name, "benchmark": bench, "id": e.id, "sha": info[id(e)][1],
-                                    "input": info[id(e)][0], "image": e.image_ref, "response": a} for e, a in zip(batch, answers))
+                                              "parts": info[id(e)][2], "input": info[id(e)][0], "image": e.image_ref,
+                                              "response": a} for e, a in zip(batch, answers))
                         counts["generated"] += len(batch)
                         bar.update(len(batch))
                 finally:
@@ -343,6 +418,7 @@ def evaluate(
     if not callable(getattr(refusal_obj, "refusals", None)):
         raise LVLMSafetyError(f"the refusal judge {refusal_name!r} has no refusals(prompts, responses)")
 
+    load_run_recipes(runs, pm)  # a bad recipe fails before benchmarks are read or answers generated
     examples = {b.display: load_benchmark(b, limit, pm) for b in benchmarks}
     generator = generator or HFGenerator(model, processor, settings, model_id=model_id)
     gen_key = ("run", "benchmark", "id")
@@ -357,7 +433,8 @@ def evaluate(
     own = RecordLog(out_dir / f"generations.rank{rank()}.jsonl", gen_key) if sharded else None
     counts = generate_all(generator, examples, runs, gen_log, model=model, processor=processor,
                           batch_size=settings.batch_size, progress=progress, pm=pm,
-                          sink=own, shard=(rank(), world_size()) if sharded else None)
+                          sink=own, shard=(rank(), world_size()) if sharded else None,
+                          identity=model_identity(model, model_id))
     if sharded:
         import torch
 
@@ -418,4 +495,5 @@ def _merge_rank_logs(out_dir: Path, key: Sequence[str]) -> None:
         part.unlink()
 
 
-__all__ = ["BenchmarkSpec", "RunSpec", "evaluate", "generate_all", "load_benchmark", "summarize"]
+__all__ = ["BenchmarkSpec", "RunSpec", "evaluate", "generate_all", "load_benchmark", "load_run_recipes", "model_identity",
+           "summarize"]

@@ -11,8 +11,18 @@ from ..errors import LayerError
 def parse_layers(spec: Any) -> list[int] | None:
     """Parse a layer selection; ``None`` means all layers. Ranges are inclusive.
 
-    Raises ValueError with a message naming the bad part.
+    Raises ValueError with a message naming the bad part; a layer listed twice
+    (``"1,1"``, overlapping ranges) is an error, not a layer steered twice.
     """
+    out = _parse_layers(spec)
+    if out is not None:
+        twice = sorted({l for l in out if out.count(l) > 1})
+        if twice:
+            raise LayerError(f"layer(s) {twice} listed twice in {spec!r}: each layer is selected once")
+    return out
+
+
+def _parse_layers(spec: Any) -> list[int] | None:
     if spec is None:
         return None
     if isinstance(spec, bool):

@@ -31,7 +31,7 @@ from ...loading import DataFileError, open_image, read_records
 from ...progress import progress_bar
 from ...steering import steer, vector_edit
 from .config import alpha_by_layer
-from .vectorfile import SteeringVectors, model_fingerprint
+from .vectorfile import SteeringVectors, model_fingerprint, weights_sample
 
 
 def _option(config: Any, key: str, default: Any) -> Any:
@@ -238,8 +238,10 @@ def calibrate(
         model.train(was_training)
     count = shift.count if not sequential else text.count
     if count == 0:
-        raise DataFileError("the calibration data has no rows")
+        where = str(dataset) if isinstance(dataset, (str, Path)) else f"the calibration data ({type(dataset).__name__})"
+        raise DataFileError(f"{where}: the calibration data has no rows")
     return SteeringVectors(
+        weights=weights_sample(model),
         vectors=vectors, model_class=type(model).__name__, fingerprint=model_fingerprint(model),
         hidden_size=adapter.hidden_size, num_layers=adapter.num_layers, variant="dataset", reference=reference,
         measure_at=measure_at, samples=count, recipe=recipe_yaml,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import enum
+import math
+import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -10,12 +13,35 @@ from ...errors import ConfigValueError
 from ..layers import parse_layers
 
 
+def check_alpha_values(values: Sequence[Any], what: str = "alpha") -> list[float]:
+    """``values`` as floats; a non-number, NaN or an infinity is a
+    :class:`ConfigValueError` naming ``what`` and the position (NaN steering gives NaN
+    logits, an infinite one overflows)."""
+    out = []
+    for i, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                value = float(value)  # numpy / torch scalars
+            except (TypeError, ValueError):
+                raise ConfigValueError("alpha", f"{what} must be a number or a list of numbers, got {value!r}") from None
+        if not math.isfinite(float(value)):
+            where = f"{what}[{i}]" if len(values) > 1 else what
+            raise ConfigValueError("alpha", f"{where} is {float(value)}: alpha must be a finite number")
+        out.append(float(value))
+    return out
+
+
 def alpha_by_layer(alpha: Any, layers: Sequence[int]) -> dict[int, float]:
     """``alpha`` (one number, or one per layer in ``layers`` order) as ``{layer: float}``;
-    a length mismatch is a :class:`ConfigValueError` naming ``alpha``."""
-    values = [float(alpha)] * len(layers) if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
+    a length mismatch, a non-finite value or a repeated layer is a
+    :class:`ConfigValueError` naming ``alpha`` (``layers``)."""
+    scalar = isinstance(alpha, numbers.Real) or getattr(alpha, "ndim", 1) == 0
+    values = check_alpha_values([alpha] * len(layers) if scalar else list(alpha))
     if len(values) != len(layers):
         raise ConfigValueError("alpha", f"alpha has {len(values)} values for {len(layers)} steered layers")
+    repeated = sorted({int(l) for l in layers if list(layers).count(l) > 1})
+    if repeated:
+        raise ConfigValueError("layers", f"layer(s) {repeated} listed twice: each layer is steered once")
     return dict(zip(layers, values))
 
 
@@ -107,6 +133,11 @@ class CMRMConfig:
         for value in values:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigValueError("alpha", f"alpha must be a number or a list of numbers, got {alpha!r}")
+        values = check_alpha_values(values)
+        negative = [v for v in values if v < 0]
+        if negative:
+            warnings.warn(f"cmrm.alpha is negative ({', '.join(f'{v:g}' for v in negative)}): that adds the image-induced "
+                          "shift instead of removing it (inverts CMRM)", UserWarning, stacklevel=2)
         try:
             layers = parse_layers(cfg.layers)
         except ValueError as exc:

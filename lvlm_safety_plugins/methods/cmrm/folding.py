@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ...adapters import get_adapter
-from ...errors import LVLMSafetyError
+from ...errors import ConfigError, LVLMSafetyError
 from .config import alpha_by_layer
 from .vectorfile import SteeringVectors
 
@@ -89,6 +89,9 @@ def fold_into_weights(
     missing = [layer for layer in chosen if layer not in table]
     if missing:
         raise LVLMSafetyError(f"no calibrated vector for layers {missing}")
+    broken = [layer for layer in chosen if not bool(torch.isfinite(torch.as_tensor(table[layer])).all())]
+    if broken:  # checked before any bias is touched: a NaN bias would be saved by save_pretrained
+        raise ConfigError(f"fold_into_weights: the vectors of layers {broken} have non-finite values (NaN or inf)")
     for i, layer in enumerate(decoder):
         mlp = _mlp(layer, i)
         if savable:

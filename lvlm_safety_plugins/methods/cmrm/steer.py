@@ -149,8 +149,8 @@ def apply(
     apply_to: str = "both",
     variant: str = "dataset",
     composition: str | None = None,
-    reference: str = "blank",
-    measure_at: str = "last",
+    reference: str | None = None,
+    measure_at: str | None = None,
     processor: Any = None,
     noise_seed: int = 0,
     blank_fill: int = 0,
@@ -167,6 +167,10 @@ def apply(
     the shift measured on the unsteered model, so the edits of earlier layers are
     subtracted again). ``None``: a vector file's own composition, ``sequential`` for
     the sample variant. A plain mapping of vectors is taken as calibrated for this call.
+
+    ``reference`` and ``measure_at``: for the sample variant, what the shift is measured
+    against and where (default ``blank`` and ``last``); for a vector file, when given,
+    they must be the ones it was calibrated with (checked like ``composition``).
     """
     kinds = steered_positions(positions, apply_to)
     if variant not in ("dataset", "sample"):
@@ -191,10 +195,11 @@ def apply(
     if variant == "dataset":
         if isinstance(vectors, SteeringVectors):
             vectors.check_use(composition=composition, layers=chosen, alpha=by_layer, positions=prompt_kinds(kinds),
-                              strict=strict)
+                              strict=strict, reference=reference, measure_at=measure_at)
         edit = vector_edit({l: table[l] for l in chosen}, {l: -a for l, a in by_layer.items()})
         return apply_edit(model, edit, **common)
-    sample = _SampleShift(model, adapter, chosen, by_layer, reference=reference, measure_at=measure_at, processor=processor,
+    sample = _SampleShift(model, adapter, chosen, by_layer, reference=reference or "blank", measure_at=measure_at or "last",
+                          processor=processor,
                           noise_seed=noise_seed, blank_fill=blank_fill, sequential=composition == "sequential",
                           measure_kinds=prompt_kinds(kinds))
     return apply_edit(model, sample.edit, prepare=sample.prepare, **common)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,8 @@ import torch
 from ...compat import VOLATILE_CONFIG_KEYS
 from ...errors import VectorFileError
 from ...fileio import atomic_output_path
+from ...identity import PER_PARAM as _PER_PARAM
+from ...identity import weights_digest, weights_sample
 
 FORMAT = "lvlm-safety-plugins/cmrm-vectors/1"
 _VOLATILE = VOLATILE_CONFIG_KEYS
@@ -35,6 +38,47 @@ def model_fingerprint(model: Any) -> str:
     cfg = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
     text = json.dumps(_strip(cfg), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+#: tensor key of the sampled weights (see :func:`weights_sample`) in a vector file
+WEIGHTS_KEY = "fingerprint.weights"
+#: relative tolerance of the weights comparison: bf16/fp16 loading of the same weights
+#: moves a value by at most 2**-9 of itself; training moves many by far more
+WEIGHTS_RTOL = 8e-3
+WEIGHTS_ATOL = 1e-6
+
+
+def compare_weights(saved: torch.Tensor, current: torch.Tensor) -> str | None:
+    """``None`` when two :func:`weights_sample` s describe the same weights (up to a
+    dtype's rounding), else a sentence saying how they differ."""
+    if saved.shape != current.shape:
+        return f"the file sampled {saved.numel() // _PER_PARAM} parameter tensors, the model has {current.numel() // _PER_PARAM}"
+    known = torch.isfinite(saved) & torch.isfinite(current)
+    diff = (saved - current).abs()
+    off = known & (diff > WEIGHTS_ATOL + WEIGHTS_RTOL * current.abs())
+    if not bool(off.any()):
+        return None
+    return (f"{int(off.sum())} of {int(known.sum())} sampled weights differ (largest difference "
+            f"{float(diff[off].max()):.3g}): the weights were trained or replaced since calibration")
+
+
+def _meta_list(file: Path, meta: Mapping[str, str], key: str, kind: type, *, optional: bool = False) -> list[Any] | None:
+    """A metadata value that must be a JSON list of ``kind``; errors name file and key."""
+    if key not in meta and optional:
+        return None
+    text = meta[key]
+    try:
+        value = json.loads(text)
+    except (ValueError, TypeError) as exc:
+        raise VectorFileError(f"{file}: metadata key {key!r}: not valid JSON ({exc}): {text!r}") from None
+    kinds = (int, float) if kind is float else (kind,)
+    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, kinds) for v in value):
+        raise VectorFileError(f"{file}: metadata key {key!r}: expected a JSON list of {kind.__name__}s, got {text!r}")
+    if kind is float and not all(math.isfinite(v) for v in value):
+        raise VectorFileError(f"{file}: metadata key {key!r}: has non-finite values: {text!r}")
+    if kind is int and len(set(value)) != len(value):
+        raise VectorFileError(f"{file}: metadata key {key!r}: lists a layer twice: {text!r}")
+    return value
 
 
 @dataclass
@@ -59,6 +103,9 @@ class SteeringVectors:
     alpha: list[float] | None = None
     positions: list[str] | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    #: :func:`weights_sample` of the calibrated model (``None``: files of earlier
+    #: releases, and vectors not made by calibration: not checked)
+    weights: torch.Tensor | None = field(default=None, compare=False)
     #: the file these vectors were loaded from (not saved; named in errors)
     path: str | None = field(default=None, compare=False)
 
@@ -93,6 +140,8 @@ class SteeringVectors:
         from safetensors.torch import save_file
 
         tensors = {f"layer.{layer}": v.detach().to(torch.float32).cpu().contiguous() for layer, v in self.vectors.items()}
+        if self.weights is not None:
+            tensors[WEIGHTS_KEY] = self.weights.detach().to(torch.float32).cpu().contiguous()
         target = Path(path)
         with atomic_output_path(target) as tmp:
             save_file(tensors, str(tmp), metadata=self.metadata())
@@ -117,13 +166,17 @@ class SteeringVectors:
             raise VectorFileError(f"{file}: missing metadata {missing}: not a CMRM vector file written by lvlm-safety-plugins")
         if meta["format"] != FORMAT:
             raise VectorFileError(f"{file}: unknown format {meta['format']!r} (expected {FORMAT!r})")
-        try:
-            hidden, num_layers, samples = int(meta["hidden_size"]), int(meta["num_layers"]), int(meta["samples"])
-            layers = json.loads(meta["layers"])
-            alpha = json.loads(meta["alpha"]) if "alpha" in meta else None
-            positions = json.loads(meta["positions"]) if "positions" in meta else None
-        except (ValueError, json.JSONDecodeError) as exc:
-            raise VectorFileError(f"{file}: bad metadata: {exc}") from None
+        numbers = {}
+        for key in ("hidden_size", "num_layers", "samples"):
+            try:
+                numbers[key] = int(meta[key])
+            except (ValueError, TypeError):
+                raise VectorFileError(f"{file}: metadata key {key!r}: expected an integer, got {meta[key]!r}") from None
+        hidden, num_layers, samples = numbers["hidden_size"], numbers["num_layers"], numbers["samples"]
+        layers = _meta_list(file, meta, "layers", int)
+        alpha = _meta_list(file, meta, "alpha", float, optional=True)
+        positions = _meta_list(file, meta, "positions", str, optional=True)
+        assert layers is not None
         composition = meta.get("composition", "independent")
         if composition not in ("sequential", "independent"):
             raise VectorFileError(f"{file}: unknown composition {composition!r} (expected 'sequential' or 'independent')")
@@ -140,7 +193,9 @@ class SteeringVectors:
             if not torch.isfinite(vec).all():
                 raise VectorFileError(f"{file}: tensor {key!r} has non-finite values")
             vectors[int(layer)] = vec.to(torch.float32)
+        weights = tensors.get(WEIGHTS_KEY)
         return cls(
+            weights=weights.to(torch.float32) if weights is not None else None,
             vectors=vectors, model_class=meta["model_class"], fingerprint=meta["fingerprint"], hidden_size=hidden,
             num_layers=num_layers, variant=meta["variant"], reference=meta["reference"], measure_at=meta["measure_at"],
             samples=samples, recipe=meta.get("recipe", ""), composition=composition, path=str(file),
@@ -168,9 +223,19 @@ class SteeringVectors:
             if strict:
                 raise VectorFileError(msg + " (pass strict=False / cmrm.strict=false to use them anyway)")
             warnings.warn(msg, stacklevel=2)
+        if self.weights is not None:
+            problem = compare_weights(self.weights, weights_sample(model))
+            if problem:
+                msg = (f"{source}: vectors were calibrated on other weights of this {self.model_class} architecture: "
+                       f"{problem}. CMRM vectors hold for the weights they were measured on (docs/recipes.md): "
+                       "recalibrate on this model")
+                if strict:
+                    raise VectorFileError(msg + " (or pass strict=False / cmrm.strict=false to use them anyway)")
+                warnings.warn(msg, stacklevel=2)
 
     def check_use(self, *, composition: str, layers: Sequence[int], alpha: Mapping[int, float],
-                  positions: Iterable[str] | None, strict: bool = True, source: str | Path | None = None) -> None:
+                  positions: Iterable[str] | None, strict: bool = True, source: str | Path | None = None,
+                  reference: str | None = None, measure_at: str | None = None) -> None:
         """Refuse steering these vectors in a way they were not calibrated for.
 
         Sequential vectors hold only for the layers, the alphas and the prompt
@@ -180,9 +245,13 @@ class SteeringVectors:
         and the prompt positions must be the same. ``positions=None`` skips that check
         (folding, which steers every position). Errors name the recipe key
         (``cmrm.composition``, ``cmrm.layers``, ``cmrm.alpha``, ``cmrm.positions``);
-        ``strict=False`` warns instead.
+        ``strict=False`` warns instead. ``reference`` and ``measure_at`` (when given)
+        must be the ones the vectors were measured with (any composition).
         """
         problems: list[str] = []
+        for key, wanted, have in (("reference", reference, self.reference), ("measure_at", measure_at, self.measure_at)):
+            if wanted is not None and str(wanted) != str(have):
+                problems.append(f"cmrm.{key}: the vectors were calibrated with {key} '{have}', the recipe says '{wanted}'")
         if composition != self.composition:
             problems.append(f"cmrm.composition: the vectors were calibrated '{self.composition}', the recipe says '{composition}'")
         elif composition == "sequential":
@@ -216,4 +285,4 @@ def load_checked(path: str | Path, model: Any, strict: bool = True) -> SteeringV
     return vectors
 
 
-__all__ = ["SteeringVectors", "load_checked", "model_fingerprint"]
+__all__ = ["SteeringVectors", "compare_weights", "load_checked", "model_fingerprint", "weights_digest", "weights_sample"]
