@@ -100,6 +100,12 @@ class RecipeValueError(RecipeError, ConfigValueError):
         RecipeError.__init__(self, message, source, key)
 
 
+class OutputError(ConfigError):
+    """An output path cannot be written: it exists (without ``overwrite``), is a folder
+    where a file is wanted (or the reverse), lies under a regular file, is one of the
+    inputs, or its folder is not writable. Raised before any work is done."""
+
+
 class LayerError(LVLMSafetyError, ValueError, IndexError):
     """A layer selection cannot be parsed, or names a decoder layer the model does not
     have (the message names the layer and the model's range)."""
@@ -158,6 +164,7 @@ __all__ = [
     "GradientError",
     "LVLMSafetyError",
     "LayerError",
+    "OutputError",
     "PluginError",
     "RecipeError",
     "RecipeValueError",

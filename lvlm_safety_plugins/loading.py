@@ -35,8 +35,40 @@ def load_model_and_processor(path: str | Path, device: str = "cpu", dtype: Any =
         cls = transformers.AutoModelForCausalLM
     kwargs = {"local_files_only": True}
     kwargs.update(dtype_kwargs(dtype))
-    model = cls.from_pretrained(folder, **kwargs).to(device).eval()
+    check_device(device)
+    try:
+        model = cls.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, RuntimeError, EOFError) as exc:
+        raise LVLMSafetyError(f"{folder}: the weights cannot be loaded (a truncated or corrupt weight file?): "
+                              f"{type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors' SafetensorError derives from Exception only
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise LVLMSafetyError(f"{folder}: a weight file is truncated or corrupt (safetensors: {exc})") from None
+    model = model.to(device).eval()
     return model, load_processor(folder)
+
+
+def check_device(device: Any) -> None:
+    """Refuse a device this machine does not have (``cuda`` without CUDA, ``cuda:3`` on
+    two GPUs, ``mps`` without MPS) with a one-line error, before any loading."""
+    import torch
+
+    text = str(device)
+    kind, _, index = text.partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise LVLMSafetyError(f"--device {text}: CUDA is not available on this machine (torch {torch.__version__}, "
+                                  f"built {'with' if torch.version.cuda else 'without'} CUDA); use --device cpu")
+        if index.isdigit() and int(index) >= torch.cuda.device_count():
+            raise LVLMSafetyError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise LVLMSafetyError(f"--device {text}: MPS is not available on this machine; use --device cpu")
+    else:
+        try:
+            torch.device(text)
+        except (RuntimeError, ValueError) as exc:
+            raise LVLMSafetyError(f"--device {text}: not a device torch knows ({exc})") from None
 
 
 def load_processor(path: str | Path) -> Any:
@@ -52,13 +84,26 @@ def load_processor(path: str | Path) -> Any:
         return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
+def read_text(path: str | Path, encoding: str = "utf-8") -> str:
+    """A data file's text; bytes that are not ``encoding`` are a :class:`DataFileError`
+    naming the file, the line and the byte offset (never a raw UnicodeDecodeError)."""
+    file = Path(path)
+    data = file.read_bytes()
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataFileError(f"{file}: line {line} (byte {exc.start}): not valid {exc.encoding.upper()} text ({exc.reason}); "
+                            f"save the file as {encoding.upper()}") from None
+
+
 def read_records(path: str | Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Rows of a JSONL file, a JSON list, or (for a single ``prompt`` field) a text file
     with one prompt a line. Each row must have the ``required`` keys."""
     file = Path(path)
     if not file.is_file():
         raise DataFileError(f"{file}: file not found")
-    text = file.read_text(encoding="utf-8")
+    text = read_text(file)
     rows: list[Any]
     if file.suffix == ".jsonl":
         rows = []
@@ -96,8 +141,9 @@ def open_image(path: str | Path, where: str) -> Any:
             return img.convert("RGB")
     except FileNotFoundError:
         raise DataFileError(f"{where}: image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataFileError(f"{where}: unreadable image {path}: {exc}") from None
 
 
-__all__ = ["DataFileError", "load_model_and_processor", "load_processor", "open_image", "read_records"]
+__all__ = ["DataFileError", "check_device", "load_model_and_processor", "load_processor", "open_image", "read_records",
+           "read_text"]

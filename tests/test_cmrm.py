@@ -350,7 +350,7 @@ def test_calibrate_cli(tmp_path, tiny_llava, tiny_llava_processor):
     assert SteeringVectors.load(out).samples == 3
     (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "missing.png", "prompt": "x"}))
     cmd[cmd.index(str(tmp_path / "calib.jsonl"))] = str(tmp_path / "bad.jsonl")
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True)
     assert res.returncode == 2 and "bad.jsonl: row 0 (id 0): image not found" in res.stderr
 
 

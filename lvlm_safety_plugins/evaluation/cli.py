@@ -60,7 +60,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise LVLMSafetyError(f"eval: {exc}") from None
     out = Path(args.out)
     from ..distributed import barrier, init_from_env, is_main_process, local_device
+    from ..fileio import check_output
+    from ..loading import check_device
+    from .harness import load_run_recipes
 
+    # before any loading: the output folder (a resumable cache: reused, never refused
+    # for existing), the device, and every recipe
+    check_output(out, overwrite=True, kind="folder")
+    if args.engine == "hf":
+        check_device(args.device)
+    load_run_recipes(runs)
     args.device = local_device(args.device)
     init_from_env(args.device)  # under torchrun: the answers are generated sharded
     if args.restart and is_main_process():
@@ -100,6 +109,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .report import markdown
 
     print(markdown(results), end="")
+    if results["settings"].get("prompt_format"):
+        print(f"\nprompt format: {results['settings']['prompt_format']}")
     cache = results["cache"]
     print(f"\ngenerated {cache['generated']} answers, reused {cache['reused']} from {out / 'generations.jsonl'}")
     if cache.get("regenerated"):

@@ -216,6 +216,49 @@ def _stale_reasons(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> lis
     return out or ["its key changed"]
 
 
+def generator_prompt_format(generator: Any) -> str | None:
+    """The prompt format ``generator`` gives the model (see :mod:`..prompts`), or ``None``
+    when it does not say (an engine with its own conversation templates)."""
+    from ..prompts import prompt_format
+
+    named = getattr(generator, "prompt_format", None)
+    if isinstance(named, str):
+        return named
+    if isinstance(generator, HFGenerator):
+        return prompt_format(generator.processor, generator.settings.template)
+    return None
+
+
+def check_runs(runs: Sequence[RunSpec], recipes: Mapping[str, Any], examples: Mapping[str, Sequence[Example]],
+               generator: Any) -> None:
+    """Before any generation: a run whose steering needs an image on every input
+    (CMRM's sample-level variant measures each input's own image-induced shift) on
+    text-only items is an error naming the run, the benchmark and the items; vector
+    files calibrated under another prompt format than the generator's are refused
+    (:func:`~lvlm_safety_plugins.prompts.check_vectors_format`)."""
+    from ..prompts import check_vectors_format
+
+    used = generator_prompt_format(generator)
+    for run in runs:
+        recipe = recipes.get(run.name)
+        if recipe is None:
+            continue
+        if used is not None:
+            check_vectors_format(recipe, used, where=f"run {run.name!r}: ")
+        cmrm = recipe.config.get("cmrm") if "cmrm" in recipe.plugins else None
+        if cmrm is None or getattr(cmrm.variant, "value", cmrm.variant) != "sample":
+            continue
+        for bench, items in examples.items():
+            text_only = [e.id for e in items if e.image is None]
+            if text_only:
+                shown = ", ".join(text_only[:10]) + (f" and {len(text_only) - 10} more" if len(text_only) > 10 else "")
+                raise LVLMSafetyError(
+                    f"run {run.name!r}, benchmark {bench!r}: sample-level CMRM (cmrm.variant=sample, reference "
+                    f"{getattr(cmrm.reference, 'value', cmrm.reference)}) measures each input's image-induced shift and "
+                    f"cannot steer the {len(text_only)} text-only item(s) {shown}; use the dataset-level variant, or a "
+                    "benchmark variant with images")
+
+
 def generate_all(generator: Any, examples: Mapping[str, Sequence[Example]], runs: Sequence[RunSpec], log: RecordLog, *,
                  model: Any = None, processor: Any = None, batch_size: int = 8, progress: bool = True, pm: Any = None,
                  sink: RecordLog | None = None, shard: tuple[int, int] | None = None,
@@ -236,6 +279,7 @@ def generate_all(generator: Any, examples: Mapping[str, Sequence[Example]], runs
 
     counts: dict[str, Any] = {"reused": 0, "generated": 0, "regenerated": 0, "why": {}}
     recipes = load_run_recipes(runs, pm)  # every recipe checked before the first answer
+    check_runs(runs, recipes, examples, generator)
     model_key = fingerprint(dict(identity) if identity is not None else model_identity(model))
     for run in runs:
         runtime = _runtime(run, model, processor, pm, recipes[run.name])
@@ -468,7 +512,7 @@ def evaluate(
         "model": model_id or getattr(generator, "model_id", None),
         "generation": generator.describe(),
         "settings": {"max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size, "template": settings.template,
-                     "limit": limit},
+                     "prompt_format": generator_prompt_format(generator), "limit": limit},
         "judge": describe_judge(judge_obj, judge_name),
         "refusal_judge": describe_judge(refusal_obj, refusal_name),
         "runs": [{"name": r.name, "recipe": (r.recipe if isinstance(r.recipe, (str, type(None))) else getattr(r.recipe, "name", str(r.recipe))),
@@ -495,5 +539,5 @@ def _merge_rank_logs(out_dir: Path, key: Sequence[str]) -> None:
         part.unlink()
 
 
-__all__ = ["BenchmarkSpec", "RunSpec", "evaluate", "generate_all", "load_benchmark", "load_run_recipes", "model_identity",
+__all__ = ["BenchmarkSpec", "RunSpec", "check_runs", "evaluate", "generator_prompt_format", "generate_all", "load_benchmark", "load_run_recipes", "model_identity",
            "summarize"]

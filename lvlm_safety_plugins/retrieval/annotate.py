@@ -101,9 +101,16 @@ def annotate(
     report_path: str | Path | None = None,
     progress: bool = True,
     gpu: str = "auto",
+    force_embedder: bool = False,
 ) -> AnnotateReport:
     """Write ``out``: the records of ``records_path`` (LLaVA-format JSON or JSONL) with
-    retrieved captions added. See the module docstring for the rules."""
+    retrieved captions added. See the module docstring for the rules.
+
+    ``out`` (and ``report_path``) may not be ``records_path``: the input is never
+    replaced. ``embedder`` defaults to the one the index was built with; another one
+    is an error (its vectors live in another space, so the retrieved captions would
+    be meaningless) unless ``force_embedder``."""
+    from ..fileio import check_output
     from ..progress import progress_bar
 
     if k < 1:
@@ -111,11 +118,16 @@ def annotate(
     if near_duplicate is not None and not (-1.0 <= near_duplicate <= 1.0):
         raise RetrievalError(f"near_duplicate is a cosine threshold in [-1, 1] (or None to switch it off), got {near_duplicate}")
     source = Path(records_path)
+    check_output(out, overwrite=True, inputs=[source], flag="out")
+    if report_path is not None:
+        check_output(report_path, overwrite=True, inputs=[source, out], flag="report")
     records = read_records(source)
     if source.suffix not in (".json", ".jsonl"):
         raise DataFileError(f"{source}: annotate reads LLaVA-format .json or .jsonl files")
     if not isinstance(index, CaptionIndex):
         index = CaptionIndex.load(index)
+    if embedder is not None:
+        index.check_embedder(embedder.spec if isinstance(embedder, Embedder) else str(embedder), force=force_embedder)
     emb = load_embedder(embedder if embedder is not None else (index.embedder_spec or ""))
     if "image" not in emb.modalities:
         emb.embed_images([])  # raises the embedder's own explanation

@@ -23,8 +23,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     from .embedders import RetrievalError, load_embedder
     from .index import CaptionIndex
 
-    if Path(args.out).exists() and not args.overwrite:
-        raise RetrievalError(f"{args.out}: already exists (pass --overwrite to replace it)")
+    from ..fileio import check_output
+
+    check_output(args.out, overwrite=args.overwrite, kind="folder", replace_folder=True, inputs=[args.data])
     params = _params(args)  # bad parameters fail before any embedding is done
     corpus = read_corpus(args.data, text_field=args.text_field, image_field=args.image_field, split=args.split,
                          dedupe=not args.keep_duplicates)
@@ -48,6 +49,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     _tune(index, args)
     if not args.text and not args.image:
         raise RetrievalError("give at least one --text or --image query")
+    if args.embedder:
+        index.check_embedder(args.embedder, force=args.force_embedder)
     embedder = load_embedder(args.embedder or index.embedder_spec or "", device=args.device)
     queries: list[tuple[str, Any]] = []
     if args.text:
@@ -73,16 +76,21 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
+    from ..fileio import check_output
     from .annotate import annotate
     from .index import CaptionIndex
 
+    report_path = args.report or f"{args.out}.report.json"
+    # before any embedding: never the input, one --overwrite rule for both outputs
+    check_output(args.out, overwrite=args.overwrite, inputs=[args.data])
+    check_output(report_path, overwrite=args.overwrite, inputs=[args.data, args.out], flag="--report")
     index = CaptionIndex.load(args.index)
     _tune(index, args)
-    report_path = args.report or f"{args.out}.report.json"
     report = annotate(
         args.data, index, args.out, image_folder=args.image_folder, embedder=args.embedder, k=args.k,
         near_duplicate=None if args.near_duplicate > 1 else args.near_duplicate, caption_key=args.caption_key,
         batch_size=args.batch_size, strict=args.strict, report_path=report_path, progress=not args.quiet, gpu=args.gpu,
+        force_embedder=args.force_embedder,
     )
     print(report.summary())
     for problem in report.bad_rows[:20]:
@@ -155,6 +163,7 @@ def add_index_command(sub: Any) -> None:
     a.add_argument("--strict", action="store_true", help="fail, writing nothing, when any image is missing or unreadable")
     a.add_argument("--fail-on-bad", action="store_true", help="write the output but exit 1 when rows were bad")
     a.add_argument("--batch-size", type=int, default=32)
+    a.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its report)")
     a.set_defaults(func=cmd_annotate)
 
     i = isub.add_parser("info", help="show an index's size, kind, embedder and parameters")
@@ -166,6 +175,8 @@ def add_index_command(sub: Any) -> None:
         p.add_argument("--gpu", default="auto", choices=["auto", "never", "always"], help="faiss on GPU (faiss-gpu)")
     for p in (q, a):
         p.add_argument("--embedder", help="embedder spec (default: the one the index was built with)")
+        p.add_argument("--force-embedder", action="store_true",
+                       help="use --embedder although the index was built with another one (only if it is the same model)")
         p.add_argument("--nprobe", type=int, help="IVF cells searched")
         p.add_argument("--ef-search", type=int, help="HNSW candidates searched")
     b.add_argument("--nprobe", type=int, help="IVF cells searched (stored as the index default)")

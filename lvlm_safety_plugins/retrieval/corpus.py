@@ -45,18 +45,20 @@ def record_image(record: Mapping[str, Any], field: str = "image") -> str | None:
 
 
 def _rows_from_file(file: Path) -> Iterable[tuple[str, Any]]:
+    from ..loading import read_text
+
+    text = read_text(file)  # a file that is not UTF-8 is a DataFileError naming it and the line
     if file.suffix == ".jsonl":
-        with open(file, encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"line {line_no}", json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataFileError(f"{file}: line {line_no}: not valid JSON: {exc.msg}") from None
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"line {line_no}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataFileError(f"{file}: line {line_no}: not valid JSON: {exc.msg}") from None
     elif file.suffix == ".json":
         try:
-            rows = json.loads(file.read_text(encoding="utf-8"))
+            rows = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataFileError(f"{file}: not valid JSON: {exc}") from None
         if not isinstance(rows, list):
@@ -64,10 +66,9 @@ def _rows_from_file(file: Path) -> Iterable[tuple[str, Any]]:
         for i, row in enumerate(rows):
             yield f"row {i}", row
     else:
-        with open(file, encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                if line.strip():
-                    yield f"line {line_no}", {"text": line.strip()}
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                yield f"line {line_no}", {"text": line.strip()}
 
 
 def _rows_from_dataset(dataset: Any, split: str | None, where: str) -> Iterable[tuple[str, Any]]:

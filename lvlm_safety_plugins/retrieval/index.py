@@ -257,6 +257,17 @@ class CaptionIndex:
             _apply_search_params(self._gpu_index, self.params)
         return self._gpu_index
 
+    def check_embedder(self, spec: str, force: bool = False) -> None:
+        """Refuse an embedder other than the one the index was built with (its vectors
+        live in another space: the hits would be meaningless), unless ``force``. Specs
+        naming the same folder by different paths are the same embedder."""
+        if force or not self.embedder_spec or same_embedder(spec, self.embedder_spec):
+            return
+        raise RetrievalError(
+            f"embedder {spec!r} is not the one the index was built with ({self.embedder_spec!r}): its vectors are in "
+            "another space, so the retrieved texts would be meaningless; leave the embedder out to use the index's, "
+            "or pass force_embedder=True / --force-embedder if it is the same model")
+
     def set_search(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """Change the search-time knobs (IVF cells searched, HNSW candidates); ``None``
         keeps a knob as it is."""
@@ -335,6 +346,9 @@ class CaptionIndex:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
+            from ..fileio import _umask
+
+            os.chmod(tmp, 0o777 & ~_umask())  # a plain mkdir's mode, not mkdtemp's 0700
             faiss.write_index(self.index, str(tmp / INDEX_FILE))
             with open(tmp / TEXTS_FILE, "w", encoding="utf-8") as handle:
                 for row, text in enumerate(self.texts):
@@ -415,6 +429,21 @@ class CaptionIndex:
         return f"<CaptionIndex {self.params.kind} n={len(self)} dim={self.dim} embedder={self.embedder_spec!r}>"
 
 
+def same_embedder(a: str, b: str) -> bool:
+    """Two embedder specs name the same embedder: equal prefixes and equal arguments,
+    or paths of the same folder (``clip:./m`` and ``clip:/abs/m``)."""
+    pa, _, xa = str(a).partition(":")
+    pb, _, xb = str(b).partition(":")
+    if pa != pb:
+        return False
+    if xa == xb:
+        return True
+    try:
+        return Path(xa).resolve() == Path(xb).resolve()
+    except (OSError, ValueError):
+        return False
+
+
 def _image_key(name: str) -> str:
     return os.path.normpath(str(name)).replace("\\", "/").lstrip("./")
 
@@ -430,4 +459,4 @@ def _use_gpu(gpu: str) -> bool:
     return n > 0
 
 
-__all__ = ["INDEX_KINDS", "CaptionIndex", "IndexParams", "SearchHit", "gpu_count"]
+__all__ = ["INDEX_KINDS", "CaptionIndex", "IndexParams", "SearchHit", "gpu_count", "same_embedder"]

@@ -112,7 +112,9 @@ class ShiftAccumulator:
         return {layer: (self.sums[i] / self.count).float() for i, layer in enumerate(self.layers)}
 
 
-def _wrap_prompt(prompt: str, template: str | None) -> str:
+def _wrap_prompt(prompt: str, template: Any) -> str:
+    if callable(template):  # a lvlm_safety_plugins.prompts.PromptFormat: the commands' common format
+        return template(prompt)
     text = template.format(prompt=prompt) if template else prompt
     return text if "<image>" in text else "<image>\n" + text
 
@@ -141,7 +143,7 @@ def calibrate(
     config: Any = None,
     *,
     layers: Sequence[int] | None = None,
-    prompt_template: str | None = None,
+    prompt_template: Any = None,
     image_folder: str | Path | None = None,
     progress: bool = True,
     recipe_yaml: str = "",
@@ -151,7 +153,10 @@ def calibrate(
     ``config`` is the ``cmrm`` recipe section (or anything with the same attributes:
     ``reference``, ``measure_at``, ``batch_size``, ``noise_seed``, ``blank_fill``,
     ``composition``, ``alpha``, ``positions``, ``apply_to``); ``layers`` defaults to
-    every layer. Prompts without ``<image>`` get it prepended.
+    every layer. Prompts without ``<image>`` get it prepended. ``prompt_template``: a
+    template with ``{prompt}`` (checked first), or a
+    :class:`~lvlm_safety_plugins.prompts.PromptFormat` (what the commands pass: the
+    processor's chat template by default); its name is recorded in the vector file.
 
     ``composition: sequential`` (the default): the text-only states are measured once;
     then, for each steered layer in order, the reference-image forward runs with the
@@ -160,8 +165,11 @@ def calibrate(
     exact for that alpha: at alpha 1 the mean steered state at every steered layer is
     the mean text-only state. ``independent``: one unsteered forward of each kind.
     """
+    from ...prompts import FORMAT_KEY, check_template
     from .steer import prompt_kinds, steered_positions
 
+    if not callable(prompt_template):
+        check_template(prompt_template, "prompt_template")
     adapter = get_adapter(model)
     chosen = adapter.resolve_layers(layers)
     reference = _option(config, "reference", "blank")
@@ -247,7 +255,9 @@ def calibrate(
         measure_at=measure_at, samples=count, recipe=recipe_yaml,
         composition=composition, alpha=[alpha[l] for l in chosen] if composition == "sequential" else None,
         positions=sorted(kinds) if composition == "sequential" else None,
-        extra={"prompt_template": json.dumps(prompt_template)},
+        extra={"prompt_template": json.dumps(getattr(prompt_template, "template", prompt_template)),
+               **({FORMAT_KEY: prompt_template.name} if callable(prompt_template) else
+                  {FORMAT_KEY: f"template {prompt_template!r}"} if prompt_template else {})},
     )
 
 

@@ -6,25 +6,60 @@ import argparse
 from typing import Any
 
 
+def _check_inputs(args: argparse.Namespace) -> Any:
+    """Everything that can be checked before a model is loaded: the recipe, the
+    template, the data file, the device and the output (one ``--overwrite`` rule)."""
+    from pathlib import Path
+
+    from ...errors import RecipeError
+    from ...fileio import check_output
+    from ...loading import DataFileError, check_device
+    from ...prompts import check_template
+    from ...recipe import load_recipe
+
+    check_template(args.template)
+    if args.sweep:
+        if not args.validation:
+            from ...errors import LVLMSafetyError
+
+            raise LVLMSafetyError("calibrate --sweep: give the validation split with --validation NAME:PATH (repeatable)")
+        check_template(args.eval_template, "--eval-template")
+    recipe = load_recipe(args.recipe, args.overrides)
+    if "cmrm" not in recipe.plugins:
+        raise RecipeError(f"recipe {recipe.name!r} does not activate cmrm (plugins: {recipe.plugins})", recipe.path)
+    if not Path(args.data).is_file():
+        raise DataFileError(f"--data {args.data}: file not found")
+    if args.sweep:
+        out = Path(args.out)
+        if out.suffix == ".safetensors":
+            from ...errors import OutputError
+
+            raise OutputError(f"calibrate --sweep: --out {out} must be a folder (it gets sweep.json, sweep.png, vectors.safetensors)")
+        check_output(out, overwrite=args.overwrite, kind="folder", replace_folder=True, inputs=[args.data])
+    else:
+        check_output(args.out, overwrite=args.overwrite, inputs=[args.data])
+    check_device(args.device)
+    return recipe
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from ...distributed import init_from_env, is_main_process, local_device
     from ...loading import load_model_and_processor
-    from ...recipe import load_recipe
+    from ...prompts import PromptFormat
     from ..layers import parse_layers
     from .calibration import calibrate, save_vectors
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    if "cmrm" not in recipe.plugins:
-        from ...errors import RecipeError
-
-        raise RecipeError(f"recipe {recipe.name!r} does not activate cmrm (plugins: {recipe.plugins})", recipe.path)
+    recipe = _check_inputs(args)  # before any loading or calibration
     cfg = recipe.cmrm
     if args.sweep:
         return _cmd_sweep(args, recipe)
     device = local_device(args.device)
     init_from_env(device)  # under torchrun: each process calibrates its shard
     model, processor = load_model_and_processor(args.model, device)
-    vectors = calibrate(model, processor, args.data, cfg, layers=parse_layers(cfg.layers), prompt_template=args.template,
+    fmt = PromptFormat(processor, args.template)
+    if is_main_process():
+        print(f"prompt format: {fmt.name}")
+    vectors = calibrate(model, processor, args.data, cfg, layers=parse_layers(cfg.layers), prompt_template=fmt,
                         image_folder=args.image_folder, recipe_yaml=recipe.to_yaml())
     path = save_vectors(vectors, args.out)
     if not is_main_process():
@@ -47,14 +82,13 @@ def _cmd_sweep(args: argparse.Namespace, recipe: Any) -> int:
     from ...evaluation.generate import GenerationSettings
     from ...evaluation.harness import BenchmarkSpec, load_benchmark
     from ...loading import load_model_and_processor
-    from .calibration import _wrap_prompt, iter_calibration_rows
+    from ...prompts import PromptFormat
+    from .calibration import iter_calibration_rows
     from .sweep import SelectionRule, alpha_grid, harness_measure, run_sweep, vectors_file, write_sweep
 
     if not args.validation:
         raise LVLMSafetyError("calibrate --sweep: give the validation split with --validation NAME:PATH (repeatable)")
     out = Path(args.out)
-    if out.suffix == ".safetensors":
-        raise LVLMSafetyError(f"calibrate --sweep: --out {out} must be a folder (it gets sweep.json, sweep.png, vectors.safetensors)")
     alphas = alpha_grid(args.alphas)
     layer_choices = args.layer_choice or [str(recipe.cmrm.layers)]
     try:
@@ -63,7 +97,9 @@ def _cmd_sweep(args: argparse.Namespace, recipe: Any) -> int:
         raise LVLMSafetyError(f"calibrate --sweep: {exc}") from None
     model, processor = load_model_and_processor(args.model, args.device)
     examples = [e for text in args.validation for e in load_benchmark(BenchmarkSpec.parse(text), args.limit)]
-    calibration = [{"image": r["image"], "prompt": _wrap_prompt(r["prompt"], args.template), "id": r["id"]}
+    fmt = PromptFormat(processor, args.template)  # the format eval uses by default, as in plain calibrate
+    print(f"prompt format: calibration {fmt.name}; validation {PromptFormat(processor, args.eval_template).name}")
+    calibration = [{"image": r["image"], "prompt": fmt(r["prompt"]), "id": r["id"]}
                    for r in iter_calibration_rows(args.data, args.image_folder)]
     rule = SelectionRule(args.max_over_refusal_increase, args.max_utility_drop)
     work = out / "settings"
@@ -106,8 +142,11 @@ def add_calibrate_command(sub: Any) -> None:
     p.add_argument("--model", required=True, help="local model folder (model and processor)")
     p.add_argument("--data", required=True, help="calibration data: .jsonl (image, prompt) or LLaVA-format .json")
     p.add_argument("--image-folder", help="folder image paths are relative to (default: the data file's folder)")
-    p.add_argument("--template", help="prompt template with {prompt}, e.g. 'USER: <image>\\n{prompt} ASSISTANT:'")
+    p.add_argument("--template", help="prompt template with {prompt}, e.g. 'USER: <image>\\n{prompt} ASSISTANT:' (default: "
+                                      "as every command: the processor's chat template, else LLaVA-1.5's format; the "
+                                      "vector file records which, and eval refuses vectors measured under another)")
     p.add_argument("--out", required=True, help="output .safetensors file (written atomically); with --sweep a folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--device", default="cpu")
     s = p.add_argument_group("sweep (choose alpha, layers, positions, phase, variant and reference on a validation split)")
     s.add_argument("--sweep", action="store_true",
