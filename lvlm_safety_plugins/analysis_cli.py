@@ -10,9 +10,14 @@ from typing import Any
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis import analyze, write_report
     from .loading import load_model_and_processor, open_image, read_records
+    from .prompts import PromptFormat, check_template
 
+    check_template(args.template)
     model, processor = load_model_and_processor(args.model, args.device)
-    harmful = [args.template.format(prompt=r["prompt"]) for r in read_records(args.harmful, ("prompt",))]
+    fmt = PromptFormat(processor, args.template)  # the format every command uses (docs: prompts)
+    print(f"prompt format: {fmt.name}")
+    harmful = [fmt(r["prompt"], image=False) for r in read_records(args.harmful, ("prompt",))]
+    image_prompt = args.image_prompt if args.image_prompt is not None else fmt("", image=True)
     pairs = []
     if args.pairs:
         folder = Path(args.image_folder) if args.image_folder else Path(args.pairs).parent
@@ -21,7 +26,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             pairs.append({
                 "image": open_image(folder / row["image"], where),
                 "caption": row["caption"],
-                "prompt": row.get("prompt") or args.image_prompt,
+                "prompt": row.get("prompt") or image_prompt,
             })
     words = [w.strip() for w in args.refusal_words.split(",") if w.strip()] if args.refusal_words else None
     kwargs: dict[str, Any] = {"batch_size": args.batch_size}
@@ -46,8 +51,11 @@ def add_analyze_command(sub: Any) -> None:
     p.add_argument("--harmful", required=True, help="harmful text prompts: .txt (one a line), .jsonl or .json with 'prompt'")
     p.add_argument("--pairs", help="image-caption pairs: .jsonl/.json with 'image' (path) and 'caption'")
     p.add_argument("--image-folder", help="folder image paths are relative to (default: the pairs file's folder)")
-    p.add_argument("--template", default="USER: {prompt} ASSISTANT:", help="prompt template for the harmful prompts")
-    p.add_argument("--image-prompt", default="USER: <image> ASSISTANT:", help="prompt carrying the image for the pairs")
+    p.add_argument("--template", help="prompt template with {prompt} for the harmful prompts (default: as every command, "
+                                      "the processor's chat template, else LLaVA-1.5's 'USER: <image>\\n{prompt} ASSISTANT:' "
+                                      "without the image; the command prints which)")
+    p.add_argument("--image-prompt", help="prompt carrying the image for the pairs (default: the same format with an "
+                                          "empty text)")
     p.add_argument("--refusal-words", help="comma-separated refusal words (default: sorry, cannot, unable, ...)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
