@@ -551,3 +551,37 @@ def test_every_command_wraps_prompts_in_one_format(tmp_path, capsys, tiny_llava,
     assert main(["analyze", "--model", str(tmp_path / "model"), "--harmful", str(tmp_path / "harmful.txt"),
                  "--out", str(tmp_path / "a")]) == 0
     assert f"prompt format: {PromptFormat(tiny_llava_processor).name}" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------
+# the plugin author's view
+# ---------------------------------------------------------------------------
+
+
+def test_the_public_api_table_lists_every_root_export():
+    import re
+
+    import lvlm_safety_plugins as root
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "plugin-authoring.md").read_text()
+    [row] = [line for line in doc.splitlines() if line.startswith("| `lvlm_safety_plugins` |")]
+    listed = set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", row.split("|")[2]))
+    assert listed == set(root.__all__), (sorted(set(root.__all__) - listed), sorted(listed - set(root.__all__)))
+
+
+def test_the_adapter_locates_projector_and_decoder_layers_for_a_reference_hook(tiny_llava, tiny_llava_processor):
+    adapter = get_adapter(tiny_llava)
+    batch = tiny_llava_batch(tiny_llava_processor)
+    seen = {}
+    hooks = [adapter.decoder_layers[1].register_forward_hook(
+                 lambda m, a, out: seen.update(layer=out[0] if isinstance(out, tuple) else out)),
+             adapter.projector.register_forward_hook(lambda m, a, out: seen.update(projector=out))]
+    try:
+        with torch.no_grad():
+            out = tiny_llava(**batch, output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(seen["layer"], out.hidden_states[2])  # layer l's output is hidden_states[l + 1]
+    image_states = out.hidden_states[0][batch["input_ids"] == adapter.image_token_id]
+    assert torch.allclose(seen["projector"].reshape(-1, adapter.hidden_size), image_states)
