@@ -30,11 +30,11 @@ def _umask() -> int:
     return mask
 
 
-def _plain_mode(fd: int, target: Path) -> None:
-    """Give the temporary file (``fd``) the mode a plain write of ``target`` would."""
+def _plain_mode(tmp: str, target: Path) -> None:
+    """Give the temporary file ``tmp`` the mode a plain write of ``target`` would."""
     try:
         mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask()
-        os.fchmod(fd, mode)
+        os.chmod(tmp, mode)
     except OSError:  # a file system without modes: keep what mkstemp gave
         pass
 
@@ -88,7 +88,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", encoding: str | 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    _plain_mode(fd, target)
+    _plain_mode(tmp, target)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
@@ -113,7 +113,7 @@ def atomic_output_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix or ".tmp", dir=target.parent)
-    _plain_mode(fd, target)
+    _plain_mode(tmp, target)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -585,3 +585,15 @@ def test_the_adapter_locates_projector_and_decoder_layers_for_a_reference_hook(t
     assert torch.equal(seen["layer"], out.hidden_states[2])  # layer l's output is hidden_states[l + 1]
     image_states = out.hidden_states[0][batch["input_ids"] == adapter.image_token_id]
     assert torch.allclose(seen["projector"].reshape(-1, adapter.hidden_size), image_states)
+
+
+def test_an_interrupt_in_the_middle_of_a_write_leaves_the_old_file(tmp_path):
+    from lvlm_safety_plugins.fileio import atomic_write
+
+    target = tmp_path / "report.json"
+    target.write_text("the old report")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_write(target) as handle:
+            handle.write("half of a new rep")
+            raise KeyboardInterrupt  # Ctrl-C
+    assert target.read_text() == "the old report" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
