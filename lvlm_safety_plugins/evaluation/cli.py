@@ -21,19 +21,29 @@ def _options(pairs: list[str] | None, flag: str) -> dict[str, str]:
     return options
 
 
-def _print_registry() -> None:
+def describe_entry(obj: Any, width: int = 100, indent: int = 19) -> str:
+    """The first paragraph of ``obj``'s docstring as plain text, whole (never cut
+    mid-sentence), reST double backticks removed, wrapped to ``width``."""
     import inspect
+    import re
+    import textwrap
 
+    doc = inspect.getdoc(obj) or ""
+    para = " ".join(doc.strip().split("\n\n")[0].split())
+    para = re.sub(r"``(.*?)``", r"\1", para).replace(":func:", "").replace(":class:", "")
+    lines = textwrap.wrap(para, width=max(40, width - indent)) or [""]
+    return ("\n" + " " * indent).join(lines)
+
+
+def _print_registry() -> None:
     from ..registry import benchmarks, judges
 
-    print("benchmarks (--benchmark NAME[,key=value...]:PATH):")
+    print("benchmarks (--benchmark [TITLE@]NAME[,key=value...]:PATH):")
     for name, loader in sorted(benchmarks().items()):
-        doc = (inspect.getdoc(loader) or "").split("\n")[0]
-        print(f"  {name:16s} {doc}")
+        print(f"  {name:16s} {describe_entry(loader)}")
     print("judges (--judge NAME, --judge-option key=value):")
     for name, factory in sorted(judges().items()):
-        doc = (inspect.getdoc(factory) or "").split("\n")[0]
-        print(f"  {name:16s} {doc}")
+        print(f"  {name:16s} {describe_entry(factory)}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -54,6 +64,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise LVLMSafetyError("eval: --no-baseline needs at least one --recipe")
     if args.limit is not None and args.limit < 1:
         raise LVLMSafetyError("eval: --limit must be >= 1")
+    if args.limit is None and args.limit_mode != "sample":
+        raise LVLMSafetyError("eval: --limit-mode needs --limit")
     try:
         settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, template=args.template)
     except ValueError as exc:
@@ -94,6 +106,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, processor, benchmarks, runs, out, judge=args.judge, judge_options=_options(args.judge_option, "--judge-option"),
         refusal_judge=args.refusal_judge, settings=settings, generator=generator, model_id=model_path,
         name=args.name or Path(args.model).name, limit=args.limit, progress=not args.no_progress, plot=not args.no_plot,
+        limit_mode=args.limit_mode, seed=args.seed, skip_missing_images=args.skip_missing_images,
+        text_variants=not args.no_text_variants,
     )
     if results is None:  # a non-main process of a sharded run: the main process reports
         return 0
@@ -142,9 +156,10 @@ def add_eval_command(sub: Any) -> None:
     p.add_argument("--max-model-len", type=int, help="--engine vllm: the engine's context length (default: the model's)")
     p.add_argument("--model-base", help="--backend llava: the base LLM of a LoRA / projector-only checkpoint")
     p.add_argument("--conv-mode", default="vicuna_v1", help="--backend llava: conversation template (default vicuna_v1, LLaVA-1.5)")
-    p.add_argument("--benchmark", action="append", metavar="NAME[,key=value...]:PATH",
+    p.add_argument("--benchmark", action="append", metavar="[TITLE@]NAME[,key=value...]:PATH",
                    help="a benchmark, e.g. figstep:FigStep/data/question/safebench.csv or "
-                        "mm_safetybench,variant=SD:MM-SafetyBench (repeatable; --list shows the loaders)")
+                        "mmsb-sd@mm_safetybench,variant=SD,scenarios=01,02:MM-SafetyBench; every key=value goes to the "
+                        "loader, TITLE@ names it in reports (repeatable; --list shows the loaders)")
     p.add_argument("--recipe", action="append", metavar="'[NAME@]RECIPE [key=value ...]'",
                    help="also run with this recipe's plugins, e.g. 'cmrm_llava15_dataset cmrm.vectors=v.safetensors' "
                         "(repeatable; one run each)")
@@ -153,7 +168,15 @@ def add_eval_command(sub: Any) -> None:
     p.add_argument("--judge", default="refusal", help="judge for harmful sets (default: refusal; llm needs --judge-option model=PATH)")
     p.add_argument("--judge-option", action="append", metavar="key=value", help="option for the judge (repeatable)")
     p.add_argument("--refusal-judge", help="judge for refusals on benign sets (default: the judge if it can, else refusal)")
-    p.add_argument("--limit", type=int, help="only the first N examples of each benchmark")
+    p.add_argument("--limit", type=int, help="at most N examples of each benchmark, sampled evenly across its categories "
+                                             "(seeded; --limit-mode first: the first N)")
+    p.add_argument("--limit-mode", choices=["sample", "first"], default="sample",
+                   help="how --limit picks: sample (default; spread over the categories, --seed) or first")
+    p.add_argument("--seed", type=int, default=0, help="seed of --limit's sampling (default 0)")
+    p.add_argument("--skip-missing-images", action="store_true",
+                   help="leave out items whose image file is missing (counted and named in the report) instead of stopping")
+    p.add_argument("--no-text-variants", action="store_true",
+                   help="do not also answer the text-only variant of benchmarks that have one (FigStep, MM-SafetyBench, ...)")
     p.add_argument("--batch-size", type=int, default=8, help="generation batch size (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length in tokens (default 128)")
     p.add_argument("--template", help="prompt template with {prompt} (default: the processor's chat template, else "

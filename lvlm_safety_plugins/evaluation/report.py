@@ -102,10 +102,32 @@ def markdown(results: dict[str, Any]) -> str:
         recipe = run.get("recipe")
         what = f"recipe `{recipe}`" + (f" with {' '.join(run['overrides'])}" if run.get("overrides") else "") if recipe else "no plugins"
         lines.append(f"- run `{run['name']}`: {what}")
+    settings = results.get("settings") or {}
+    if settings.get("limit"):
+        how = ("the first ones" if settings.get("limit_mode") == "first"
+               else f"sampled evenly across categories (seed {settings.get('seed', 0)})")
+        lines.append(f"- at most {settings['limit']} examples per benchmark, {how}")
+    for bench in results.get("benchmarks", []):
+        gone = bench.get("skipped_missing_images")
+        if gone:
+            shown = ", ".join(gone[:10]) + (f", ... ({len(gone) - 10} more)" if len(gone) > 10 else "")
+            lines.append(f"- **{bench['label']}: {len(gone)} item(s) left out for missing images** ({shown})")
     lines += ["", "Rates with Wilson 95% intervals; ASR = attack success rate, DSR = 1 - ASR.", ""]
     rows = [[bench, label, str(n), *[format_rate(_cell(results, r, bench, section, metric)) for r in runs]]
             for bench, section, metric, label, n in headline_rows(results)]
     lines.append(_table(["benchmark", "metric", "n", *runs], rows))
+    text_rows = results.get("text_safety") or []
+    if text_rows:
+        lines += ["", "## Text only vs with the image (runs without a recipe)", "",
+                  "The same harmful requests as plain text show the LLM's own text safety, which image-side "
+                  "methods (TGA, CMRM) try to carry over to images.", ""]
+        lines.append(_table(["benchmark", "run", "unsafe rate with the image", "text only"],
+                            [[t["benchmark"], t["run"], format_rate(t["image"]), format_rate(t["text"])] for t in text_rows]))
+        for t in text_rows:
+            if t["no_text_safety"]:
+                lines += ["", f"**{t['benchmark']} ({t['run']}): the model complies with {100 * t['text']['rate']:.0f}% of these "
+                          "requests as plain text. Its LLM has no text safety to restore, so no method that carries text safety "
+                          "over to images can show an effect here; use a model whose LLM refuses them as text.**"]
     for bench in [b["label"] for b in results.get("benchmarks", [])]:
         for section, (metric, label) in CATEGORY_METRIC.items():
             cats: dict[str, int] = {}
