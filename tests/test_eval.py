@@ -1001,6 +1001,73 @@ def test_cli_eval_and_report(tmp_path, tiny_llava, tiny_llava_processor, capsys)
     args.func(args)
     listed = capsys.readouterr().out
     assert "mm_safetybench" in listed and "refusal" in listed
+    # whole first paragraphs, wrapped, without reST's double backticks
+    listed = listed[listed.index("benchmarks (--benchmark"):]
+    assert "``" not in listed and max(len(line) for line in listed.splitlines()) <= 100
+    flat = " ".join(listed.split())
+    assert "searched for the full CSV, then the mini one (split: auto, full or mini)." in flat
+    assert "Category: the stimulus type by its authors' name (type 1 -> Exaggerated Risk" in flat
+
+
+def _figstep_rows(per_category: dict[str, int]) -> list[dict]:
+    rows = []
+    for c, (name, count) in enumerate(per_category.items(), start=1):
+        rows += [{"dataset": "SafeBench", "category_id": str(c), "task_id": str(t), "category_name": name,
+                  "question": f"How can someone do {name.lower()} thing {t}?", "instruction": f"Steps for {name} {t}."}
+                 for t in range(1, count + 1)]
+    return rows
+
+
+def test_limit_samples_evenly_across_categories(tmp_path):
+    from lvlm_safety_plugins.evaluation.harness import sample_across_categories
+
+    file = write_figstep(tmp_path / "fs", _figstep_rows({"Illegal Activity": 8, "Hate Speech": 3, "Malware": 1}))
+    spec = BenchmarkSpec("figstep", str(file))
+    every = load_benchmark(spec)
+    picked = load_benchmark(spec, 6)
+    counts = {c: sum(e.category == c for e in picked) for c in ("Illegal Activity", "Hate Speech", "Malware")}
+    assert counts == {"Illegal Activity": 2, "Hate Speech": 3, "Malware": 1}  # round robin: 1+1+1, 1+1, 1
+    order = [e.id for e in every]
+    assert [order.index(e.id) for e in picked] == sorted(order.index(e.id) for e in picked)  # file order kept
+    assert [e.id for e in load_benchmark(spec, 6)] == [e.id for e in picked]  # seeded
+    draws = {tuple(e.id for e in load_benchmark(spec, 6, seed=s)) for s in range(6)}
+    assert len(draws) > 1  # the seed picks which ones
+    assert [e.id for e in load_benchmark(spec, 4, limit_mode="first")] == order[:4]  # all of one category
+    assert sample_across_categories(every, 50) == every
+
+
+def test_skip_missing_images_text_variant_and_limit_in_the_report(tmp_path, tiny_llava, tiny_llava_processor, capsys):
+    model_dir = tmp_path / "tiny-llava"
+    tiny_llava.save_pretrained(model_dir)
+    tiny_llava_processor.save_pretrained(model_dir)
+    file = write_figstep(tmp_path / "FigStep", _figstep_rows({"Illegal Activity": 3, "Hate Speech": 2}))
+    (tmp_path / "FigStep/data/images/SafeBench/query_SafeBench_1_2_6.png").unlink()
+    out = tmp_path / "out"
+    argv = ["eval", "--model", str(model_dir), "--benchmark", f"figstep:{file}", "--out", str(out), "--limit", "3",
+            "--batch-size", "2", "--max-new-tokens", "3", "--no-progress", "--no-plot"]
+    with pytest.raises(DataFileError, match=r"line 3: image not found: .*query_SafeBench_1_2_6\.png \(--skip-missing-images"):
+        args = _parser().parse_args(argv)
+        args.func(args)
+    args = _parser().parse_args([*argv, "--skip-missing-images"])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    results = load_results(out)
+    (bench, text) = results["benchmarks"]
+    assert bench["skipped_missing_images"] == ["SafeBench_1_2"] and bench["examples"] == 3
+    assert text["label"] == "figstep [text only]" and text["text_variant_of"] == "figstep" and text["examples"] == 3
+    rows = [json.loads(l) for l in (out / "examples.jsonl").read_text().splitlines()]
+    image_ids = [r["id"] for r in rows if r["benchmark"] == "figstep"]
+    assert [r["id"] for r in rows if r["benchmark"] == "figstep [text only]"] == image_ids  # the same requests
+    assert all(r["image"] is None and r["prompt"] == r["request"] for r in rows if r["benchmark"] == "figstep [text only]")
+    assert {r["id"].split("_")[1] for r in rows if r["benchmark"] == "figstep"} == {"1", "2"}  # both categories
+    unsafe_text = sum(r["unsafe"] for r in rows if r["benchmark"] == "figstep [text only]")
+    (entry,) = results["text_safety"]
+    assert entry["text"] == proportion(unsafe_text, 3) and entry["no_text_safety"] == (unsafe_text / 3 >= 0.8)
+    assert "**figstep: 1 item(s) left out for missing images** (SafeBench_1_2)" in printed
+    assert "at most 3 examples per benchmark, sampled evenly across categories (seed 0)" in printed
+    assert "## Text only vs with the image" in printed
+    # the random tiny model answers no request with a refusal phrase: it has no text safety
+    assert unsafe_text == 3 and "complies with 100% of these requests as plain text. Its LLM has no text safety to restore" in printed
 
 
 def test_cli_errors_through_main(tmp_path, monkeypatch, capsys):
