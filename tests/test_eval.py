@@ -513,7 +513,8 @@ def test_checkout_folders_are_accepted(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(["mm_safetybench", "figstep", "vlsafe", "jailbreakv", "vlguard", "jsonl", "mossbench", "scienceqa"]))
+@pytest.mark.parametrize("name", sorted(["mm_safetybench", "figstep", "vlsafe", "jailbreakv", "vlguard", "jsonl", "mossbench", "scienceqa",
+                                         "vlsbench", "siuo", "siuo_mcqa", "mssbench", "msts"]))
 def test_missing_file_names_it(tmp_path, name):
     missing = tmp_path / "nowhere" / "data.json"
     with pytest.raises(DataFileError, match="nowhere"):

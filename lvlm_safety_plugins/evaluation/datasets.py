@@ -29,6 +29,13 @@ name               what ``path`` points at
                    requests that look risky: over-refusal)
 ``scienceqa``      ScienceQA's ``problems.json`` (ScienceQA-IMG: the items with an
                    image) or a JSON/JSONL list of ``question, choices, answer, image``
+``vlsbench``       VLSBench's ``data.json`` (images ``imgs/<n>.png``)
+``siuo``           SIUO's ``data/siuo_gen.json`` (images in ``data/images``)
+``siuo_mcqa``      SIUO's ``data/siuo_mcqa.json``: multiple choice, the safe answer right
+``mssbench``       MSSBench's ``combined.json``, chat task: each query with its safe
+                   image (benign) and its unsafe image (harmful)
+``msts``           MSTS's ``data/prompts/english_multimodal.csv`` (+ the text-only CSV);
+                   images downloaded from ``unsafe_images.csv``
 =================  =============================================================
 """
 
@@ -670,9 +677,206 @@ def load_scienceqa(path: str | Path, split: str = "test", image_dir: str | Path 
                "choices": choices, "answer": answer, "where": where}
 
 
+# ---------------------------------------------------------------------------
+# VLSBench (2025)
+# ---------------------------------------------------------------------------
+
+
+def load_vlsbench(path: str | Path, image_dir: str | Path | None = None, category: str = "category") -> Iterator[dict[str, Any]]:
+    """VLSBench (Hu et al., 2025): ``data.json``, a list of ``{"instruction_id",
+    "instruction", "image_path": "imgs/0.png", "category", "sub_category", ...}``; the
+    image carries the harm, so every item is harmful. ``path``: the file, its folder or
+    the checkout (``data/data.json``); images are relative to the file's folder (the
+    Hugging Face data root), its parent, or ``image_dir``. ``category``: ``category``
+    (default) or ``sub_category``."""
+    if category not in ("category", "sub_category"):
+        raise DataFileError(f"vlsbench: category must be 'category' or 'sub_category', got {category!r}")
+    file = Path(path)
+    if file.is_dir():
+        file = _first([file / "data.json", file / "data" / "data.json"], file / "data.json")
+    rows = _read_json(file)
+    if not isinstance(rows, list):
+        raise DataFileError(f"{file}: expected a JSON list of records")
+    probes = [r["image_path"] for r in rows[:PROBES] if isinstance(r, dict) and isinstance(r.get("image_path"), str)]
+    candidates = [Path(image_dir)] if image_dir else [file.parent, file.parent.parent, file.parent / "vlsbench"]
+    img_root = _image_root(candidates, probes, "VLSBench image", str(file), explicit=bool(image_dir))
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataFileError(f"{file}: row {i}: expected an object, got {type(row).__name__}")
+        ident = str(row.get("instruction_id", i))
+        where = f"{file}: row {i} (instruction_id {ident})"
+        instruction = _text(row, "instruction", where)
+        yield {"id": ident, "prompt": instruction, "image": _image(img_root, _text(row, "image_path", where), where),
+               "label": HARMFUL, "category": str(row.get(category) or "unknown"), "where": where,
+               "meta": {k: row.get(k) for k in ("category", "sub_category", "source", "safety_reason") if k in row}}
+
+
+# ---------------------------------------------------------------------------
+# SIUO (2024-25): safe inputs, unsafe output
+# ---------------------------------------------------------------------------
+
+
+def _siuo_file(path: Path, name: str) -> Path:
+    if path.is_dir():
+        return _first([path / name, path / "data" / name], path / name)
+    return path
+
+
+def _siuo_rows(file: Path) -> tuple[list[dict[str, Any]], Path]:
+    rows = _read_json(file)
+    if not isinstance(rows, list):
+        raise DataFileError(f"{file}: expected a JSON list of records")
+    return rows, file
+
+
+def _siuo_root(file: Path, rows: list[Any], image_dir: str | Path | None) -> Path:
+    probes = [r["image"] for r in rows[:PROBES] if isinstance(r, dict) and isinstance(r.get("image"), str)]
+    candidates = [Path(image_dir)] if image_dir else [file.parent / "images", file.parent, file.parent.parent / "data" / "images"]
+    return _image_root(candidates, probes, "SIUO image (data/images)", str(file), explicit=bool(image_dir))
+
+
+def load_siuo(path: str | Path, image_dir: str | Path | None = None) -> Iterator[dict[str, Any]]:
+    """SIUO (Wang et al., 2024), generation task: ``data/siuo_gen.json``, a list of
+    ``{"question_id", "image", "question", "category", "safety_warning",
+    "reference_answer"}``. Image and question are each safe, together unsafe: every item
+    is harmful. Images from the authors' archive, unzipped under ``data/images`` (or
+    ``image_dir``). Category: ``category``."""
+    rows, file = _siuo_rows(_siuo_file(Path(path), "siuo_gen.json"))
+    root = _siuo_root(file, rows, image_dir)
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataFileError(f"{file}: row {i}: expected an object, got {type(row).__name__}")
+        ident = str(row.get("question_id", i))
+        where = f"{file}: row {i} (question_id {ident})"
+        yield {"id": ident, "prompt": _text(row, "question", where), "image": _image(root, _text(row, "image", where), where),
+               "label": HARMFUL, "category": str(row.get("category") or "unknown"), "where": where,
+               "meta": {"safety_warning": row.get("safety_warning"), "reference_answer": row.get("reference_answer")}}
+
+
+def load_siuo_mcqa(path: str | Path, image_dir: str | Path | None = None) -> Iterator[dict[str, Any]]:
+    """SIUO's multiple-choice task: ``data/siuo_mcqa.json``, a list of
+    ``{"question_id", "image", "question", "category", "options": {"A": ..., ...},
+    "correct_option": "A"}``; the right option is the safe answer, so accuracy here is
+    a safety score. Asked with the lettered options (LLaVA's multiple-choice prompt)."""
+    rows, file = _siuo_rows(_siuo_file(Path(path), "siuo_mcqa.json"))
+    root = _siuo_root(file, rows, image_dir)
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataFileError(f"{file}: row {i}: expected an object, got {type(row).__name__}")
+        ident = str(row.get("question_id", i))
+        where = f"{file}: row {i} (question_id {ident})"
+        question = _text(row, "question", where)
+        options = row.get("options")
+        if not isinstance(options, dict) or len(options) < 2:
+            raise DataFileError(f"{where}: 'options' must be an object of at least two lettered options")
+        letters = sorted(options)
+        correct = str(row.get("correct_option") or "").strip().strip("()").upper()
+        if correct not in letters:
+            raise DataFileError(f"{where}: 'correct_option' {row.get('correct_option')!r} is not one of {', '.join(letters)}")
+        choices = [str(options[k]).strip() for k in letters]
+        yield {"id": ident, "prompt": format_choice_prompt(question, choices), "image": _image(root, _text(row, "image", where), where),
+               "label": CHOICE, "category": str(row.get("category") or "unknown"), "request": question, "choices": choices,
+               "answer": letters.index(correct), "where": where}
+
+
+# ---------------------------------------------------------------------------
+# MSSBench (2025): multimodal situational safety
+# ---------------------------------------------------------------------------
+
+
+def load_mssbench(path: str | Path, image_dir: str | Path | None = None, task: str = "chat",
+                  prefix: str = "") -> Iterator[dict[str, Any]]:
+    """MSSBench (Zhou et al., 2025), chat task: ``combined.json`` (the authors' code
+    reads ``combine.json``; both are found in a folder), an object with ``"chat"`` and
+    ``"embodied"`` lists. Each chat entry ``{"safe_image_path", "unsafe_image_path",
+    "intent", "unsafe_image", "Type", "queries": [...]}`` gives every query twice: with
+    the safe image (benign: refusing is over-refusal) and with the unsafe image
+    (harmful). Images under ``chat/`` beside the file (or ``image_dir``). Category:
+    ``Type``. ``prefix``: text put before every query (the authors prepend an
+    instruction prompt; none by default). ``task=embodied`` is refused: the embodied
+    part is scored on plans for a household robot, which this harness does not judge."""
+    if task != "chat":
+        raise DataFileError(f"mssbench: task {task!r} is not supported: only the chat task loads (the embodied task's "
+                            "answers are robot plans judged by the authors' GPT-4o prompts, which this harness does not have)")
+    file = Path(path)
+    if file.is_dir():
+        file = _first([file / "combined.json", file / "combine.json", file / "data" / "combined.json"], file / "combined.json")
+    data = _read_json(file)
+    if not isinstance(data, dict) or not isinstance(data.get("chat"), list):
+        raise DataFileError(f"{file}: expected an object with a 'chat' list (MSSBench's combined.json)")
+    chat = data["chat"]
+    probes = [r[k] for r in chat[:PROBES] if isinstance(r, dict) for k in ("safe_image_path",) if isinstance(r.get(k), str)]
+    candidates = [Path(image_dir)] if image_dir else [file.parent / "chat", file.parent / "images" / "chat", file.parent]
+    root = _image_root(candidates, probes, "MSSBench chat image", str(file), explicit=bool(image_dir))
+    for i, entry in enumerate(chat):
+        where = f"{file}: chat entry {i}"
+        if not isinstance(entry, dict):
+            raise DataFileError(f"{where}: expected an object, got {type(entry).__name__}")
+        queries = entry.get("queries")
+        if not isinstance(queries, list) or not queries or not all(isinstance(q, str) and q.strip() for q in queries):
+            raise DataFileError(f"{where}: 'queries' must be a list of questions")
+        safe = _image(root, _text(entry, "safe_image_path", where), where)
+        unsafe = _image(root, _text(entry, "unsafe_image_path", where), where)
+        for j, query in enumerate(queries):
+            prompt = f"{prefix}{query.strip()}"
+            for kind, image, label in (("safe", safe, BENIGN), ("unsafe", unsafe, HARMFUL)):
+                yield {"id": f"{i}/{j}/{kind}", "prompt": prompt, "image": image, "label": label,
+                       "category": str(entry.get("Type") or "unknown"), "request": query.strip(), "where": f"{where}, query {j}",
+                       "meta": {"intent": entry.get("intent"), "image_kind": kind}}
+
+
+# ---------------------------------------------------------------------------
+# MSTS (2025): multimodal safety test suite
+# ---------------------------------------------------------------------------
+
+MSTS_MULTIMODAL = ("hazard_category", "case_id", "unsafe_image_id", "prompt_id", "prompt_text", "prompt_type")
+MSTS_TEXTONLY = ("hazard_category", "case_id", "prompt_id", "prompt_text", "prompt_type")
+
+
+def load_msts(path: str | Path, image_dir: str | Path | None = None, variant: str = "multimodal",
+              language: str = "english") -> Iterator[dict[str, Any]]:
+    """MSTS (Röttger et al., 2025): ``data/prompts/<language>_multimodal.csv`` (columns
+    ``hazard_category, hazard_subcategory, case_id, case_text, unsafe_image_id,
+    unsafe_image_description, prompt_id, prompt_text, prompt_type``) with the images of
+    ``data/images/unsafe_images.csv``, which the user downloads (the authors' script
+    saves ``<unsafe_image_id>.jpg`` or ``.png`` in ``data/unsafe_images``); or, with
+    ``variant=text``, ``english_textonly.csv`` (the same prompt ids, the image described
+    in words). Every prompt is unsafe only together with its image: all harmful.
+    Category: ``hazard_category``."""
+    variant = variant.strip().lower()
+    if variant not in ("multimodal", "text"):
+        raise DataFileError(f"msts: variant must be 'multimodal' or 'text', got {variant!r}")
+    name = f"{language}_{'textonly' if variant == 'text' else 'multimodal'}.csv"
+    file = Path(path)
+    if file.is_dir():
+        file = _first([file / name, file / "prompts" / name, file / "data" / "prompts" / name], file / "data" / "prompts" / name)
+    elif variant == "text" and file.name.endswith("_multimodal.csv"):  # the multimodal CSV given: its text-only sibling
+        file = file.with_name(file.name.replace("_multimodal.csv", "_textonly.csv"))
+    rows = list(_read_csv(file, MSTS_TEXTONLY if variant == "text" else MSTS_MULTIMODAL))
+    root: Path | None = None
+    if variant == "multimodal":
+        base = file.parent.parent if file.parent.name == "prompts" else file.parent
+        candidates = [Path(image_dir)] if image_dir else [base / "unsafe_images", base / "images", base.parent / "unsafe_images", base]
+        probes = [f"{r['unsafe_image_id'].strip()}{ext}" for _, r in rows[:PROBES] for ext in (".jpg", ".png")]
+        root = _image_root(candidates, probes, "MSTS image (<unsafe_image_id>.jpg/.png, downloaded with the authors' "
+                                               "unsafe_images.csv)", str(file), explicit=bool(image_dir))
+    for line, row in rows:
+        where = f"{file}: {line}"
+        ident = _text(row, "prompt_id", where)
+        image = None
+        if root is not None:
+            stem = _text(row, "unsafe_image_id", where)
+            image = _first([root / f"{stem}.jpg", root / f"{stem}.png"], root / f"{stem}.jpg")
+        yield {"id": ident, "prompt": _text(row, "prompt_text", where), "image": image, "label": HARMFUL,
+               "category": _text(row, "hazard_category", where), "where": where,
+               "meta": {"prompt_type": row.get("prompt_type"), "case_id": row.get("case_id"),
+                        "hazard_subcategory": row.get("hazard_subcategory")}}
+
+
 #: the options that select a loader's text-only variant (the harness answers it beside the image variant)
 load_figstep.text_variant = {"variant": "text"}  # type: ignore[attr-defined]
 load_mm_safetybench.text_variant = {"variant": "TEXT"}  # type: ignore[attr-defined]
+load_msts.text_variant = {"variant": "text"}  # type: ignore[attr-defined]
 
 #: the loaders the built-in plugin registers
 BUILTIN_BENCHMARKS: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {
@@ -684,6 +888,11 @@ BUILTIN_BENCHMARKS: dict[str, Callable[..., Iterator[dict[str, Any]]]] = {
     "jsonl": load_jsonl,
     "mossbench": load_mossbench,
     "scienceqa": load_scienceqa,
+    "vlsbench": load_vlsbench,
+    "siuo": load_siuo,
+    "siuo_mcqa": load_siuo_mcqa,
+    "mssbench": load_mssbench,
+    "msts": load_msts,
 }
 
 __all__ = [
@@ -701,6 +910,11 @@ __all__ = [
     "load_jsonl",
     "load_mm_safetybench",
     "load_mossbench",
+    "load_msts",
+    "load_mssbench",
+    "load_siuo",
+    "load_siuo_mcqa",
+    "load_vlsbench",
     "load_scienceqa",
     "load_vlguard",
     "load_vlsafe",
