@@ -35,6 +35,16 @@ def describe_entry(obj: Any, width: int = 100, indent: int = 19) -> str:
     return ("\n" + " " * indent).join(lines)
 
 
+def _judge_spec(text: str) -> tuple[str, dict[str, str]]:
+    """``--also-judge 'NAME [key=value ...]'`` -> ``(name, options)``."""
+    import shlex
+
+    parts = shlex.split(text)
+    if not parts:
+        raise LVLMSafetyError("--also-judge: empty")
+    return parts[0], _options(parts[1:], f"--also-judge {parts[0]}")
+
+
 def _print_registry() -> None:
     from ..registry import benchmarks, judges
 
@@ -107,7 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         refusal_judge=args.refusal_judge, settings=settings, generator=generator, model_id=model_path,
         name=args.name or Path(args.model).name, limit=args.limit, progress=not args.no_progress, plot=not args.no_plot,
         limit_mode=args.limit_mode, seed=args.seed, skip_missing_images=args.skip_missing_images,
-        text_variants=not args.no_text_variants,
+        text_variants=not args.no_text_variants, also_judges=[_judge_spec(text) for text in args.also_judge or []],
     )
     if results is None:  # a non-main process of a sharded run: the main process reports
         return 0
@@ -167,6 +177,9 @@ def add_eval_command(sub: Any) -> None:
     p.add_argument("--out", help="output folder (cache and reports)")
     p.add_argument("--judge", default="refusal", help="judge for harmful sets (default: refusal; llm needs --judge-option model=PATH)")
     p.add_argument("--judge-option", action="append", metavar="key=value", help="option for the judge (repeatable)")
+    p.add_argument("--also-judge", action="append", metavar="'NAME [key=value ...]'",
+                   help="one more judge on the harmful answers (repeatable): the report gives its unsafe rates and, for "
+                        "every pair of judges, Cohen's kappa and the items they disagree on")
     p.add_argument("--refusal-judge", help="judge for refusals on benign sets (default: the judge if it can, else refusal)")
     p.add_argument("--limit", type=int, help="at most N examples of each benchmark, sampled evenly across its categories "
                                              "(seeded; --limit-mode first: the first N)")

@@ -379,6 +379,7 @@ def evaluate(
     seed: int = 0,
     skip_missing_images: bool = False,
     text_variants: bool = True,
+    also_judges: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Run every benchmark under every run, judge, and write the reports to ``out``.
 
@@ -388,7 +389,10 @@ def evaluate(
     is missing instead of stopping. ``text_variants``: for a benchmark whose loader
     has a text-only variant (FigStep, MM-SafetyBench, ...), the runs without a recipe
     also answer the same requests as plain text, and the report puts the text-only
-    rate beside the rate with the image.
+    rate beside the rate with the image. ``also_judges``: more judges (names,
+    ``(name, options)`` pairs or judge objects) that score the same harmful answers;
+    the report gives each one's unsafe rates and, for every pair of judges, Cohen's
+    kappa and the items they disagree on (``judge_agreement``).
 
     ``judge``: a registered judge name (with ``judge_options``) or a judge object; it
     decides unsafe vs safe on harmful items. Benign items are judged for refusal by
@@ -476,6 +480,8 @@ def evaluate(
 
     judge_log = RecordLog(out_dir / "judgments.jsonl", ("judge", "run", "benchmark", "id"))
     verdicts = _judge_all(judge_obj, judge_name, refusal_obj, refusal_name, examples, runs, responses, judge_log, text_of)
+    compared = _compare_judges(judge_obj, judge_name, also_judges, refusal_obj, refusal_name, examples, runs, responses,
+                               judge_log, text_of, verdicts, pm)
 
     with atomic_write(out_dir / "examples.jsonl") as handle:
         for run in runs:
@@ -509,10 +515,51 @@ def evaluate(
         "results": summarize(examples, runs, verdicts, text_of),
     }
     results["text_safety"] = text_safety(results)
+    if compared is not None:
+        results["judges_compared"] = compared
     write_reports(results, out_dir, plot=plot)
     if sharded:
         barrier()
     return results
+
+
+def _compare_judges(judge_obj: Any, judge_name: str, also: Sequence[Any], refusal_obj: Any, refusal_name: str,
+                    examples: Mapping[str, Sequence[Example]], runs: Sequence[RunSpec], responses: Mapping[tuple, str],
+                    log: RecordLog, plain_only: Collection[str], verdicts: Mapping[tuple, dict[str, Any]],
+                    pm: Any) -> dict[str, Any] | None:
+    """The extra judges' verdicts on the harmful items, their unsafe rates and the
+    pairwise agreement (None without extra judges)."""
+    if not also:
+        return None
+    from .agreement import judge_agreement
+    from .metrics import proportion
+
+    by_judge: dict[str, dict[tuple, bool]] = {judge_name: {k: v["unsafe"] for k, v in verdicts.items() if "unsafe" in v}}
+    described = {judge_name: describe_judge(judge_obj, judge_name)}
+    for entry in also:
+        if isinstance(entry, str):
+            name, obj = entry, make_judge(entry, {}, pm)
+        elif isinstance(entry, tuple):
+            name, obj = entry[0], make_judge(entry[0], dict(entry[1]), pm)
+        else:
+            name, obj = getattr(entry, "name", type(entry).__name__), entry
+        label, i = name, 1
+        while label in by_judge:
+            i += 1
+            label = f"{name}#{i}"
+        extra = _judge_all(obj, label, refusal_obj, refusal_name, examples, runs, responses, log, plain_only)
+        by_judge[label] = {k: v["unsafe"] for k, v in extra.items() if "unsafe" in v}
+        described[label] = describe_judge(obj, name)
+    rates: dict[str, dict[str, dict[str, Any]]] = {}
+    for label, flags in by_judge.items():
+        for (run, bench, _), flag in flags.items():
+            cell = rates.setdefault(label, {}).setdefault(run, {}).setdefault(bench, [0, 0])
+            cell[0] += int(flag)
+            cell[1] += 1
+    return {"judges": described,
+            "unsafe_rate": {j: {r: {b: proportion(k, n) for b, (k, n) in per.items()} for r, per in by_run.items()}
+                            for j, by_run in rates.items()},
+            "pairs": judge_agreement(by_judge)}
 
 
 #: a text-only unsafe rate at or above this: the LLM has no text safety for an image-side method to restore

@@ -116,6 +116,25 @@ def markdown(results: dict[str, Any]) -> str:
     rows = [[bench, label, str(n), *[format_rate(_cell(results, r, bench, section, metric)) for r in runs]]
             for bench, section, metric, label, n in headline_rows(results)]
     lines.append(_table(["benchmark", "metric", "n", *runs], rows))
+    compared = results.get("judges_compared")
+    if compared:
+        lines += ["", "## Judges compared (harmful items)", ""]
+        names = list(compared["judges"])
+        cells = []
+        for bench, section, metric, label, n in headline_rows(results):
+            if metric != "unsafe_rate":
+                continue
+            for r in runs:
+                cells.append([bench, r, *[format_rate(compared["unsafe_rate"].get(j, {}).get(r, {}).get(bench)) for j in names]])
+        lines.append(_table(["benchmark", "run", *[f"unsafe rate: {j}" for j in names]], cells))
+        lines += [""]
+        lines.append(_table(["judges", "n", "agreement", "Cohen's kappa", "disagreeing items"],
+                            [[" vs ".join(p["judges"]), str(p["n"]),
+                              "–" if p["agreement"] is None else f"{100 * p['agreement']:.1f}%",
+                              "undefined (one verdict for every item)" if p["kappa"] is None else f"{p['kappa']:.3f}",
+                              ", ".join(f"{d['run']}/{d['benchmark']}/{d['id']}" for d in p["disagreements"][:10])
+                              + (f", ... ({p['disagreements_total'] - 10} more)" if p["disagreements_total"] > 10 else "")
+                              or "none"] for p in compared["pairs"]]))
     text_rows = results.get("text_safety") or []
     if text_rows:
         lines += ["", "## Text only vs with the image (runs without a recipe)", "",
