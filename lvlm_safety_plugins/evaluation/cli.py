@@ -64,12 +64,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.list:
         _print_registry()
         return 0
-    missing = [flag for flag, value in (("--model", args.model), ("--benchmark", args.benchmark), ("--out", args.out)) if not value]
+    suite = None
+    if args.suite:
+        from .suites import get_suite
+
+        suite = get_suite(args.suite)
+        if args.benchmark or args.recipe or args.no_baseline:
+            raise LVLMSafetyError("eval: --suite brings its own benchmarks and runs (no --benchmark, --recipe, --no-baseline)")
+        benchmarks = suite.specs(args.data_root, _options(args.suite_path, "--suite-path"))
+        alphas = None
+        if args.suite_alphas:
+            try:
+                alphas = [float(a) for a in args.suite_alphas.split(",") if a.strip()]
+            except ValueError:
+                raise LVLMSafetyError(f"eval: --suite-alphas {args.suite_alphas!r}: expected numbers such as 0.5,1") from None
+        runs = suite.runs(alphas, args.suite_vectors)
+        if args.judge is None and suite.judge:
+            args.judge = suite.judge
+    missing = [flag for flag, value in (("--model", args.model), ("--benchmark", args.benchmark or suite), ("--out", args.out))
+               if not value]
     if missing:
-        raise LVLMSafetyError(f"eval: {', '.join(missing)} required (or --list)")
-    benchmarks = [BenchmarkSpec.parse(text) for text in args.benchmark]
-    runs = [] if args.no_baseline else [RunSpec("base")]
-    runs += [RunSpec.parse(text) for text in args.recipe or []]
+        raise LVLMSafetyError(f"eval: {', '.join(missing)} required (or --suite NAME, or --list)")
+    if suite is None:
+        benchmarks = [BenchmarkSpec.parse(text) for text in args.benchmark]
+        runs = [] if args.no_baseline else [RunSpec("base")]
+        runs += [RunSpec.parse(text) for text in args.recipe or []]
     if not runs:
         raise LVLMSafetyError("eval: --no-baseline needs at least one --recipe")
     if args.limit is not None and args.limit < 1:
@@ -113,7 +132,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         model, processor = load_model_and_processor(args.model, args.device, dtype)
     results = evaluate(
-        model, processor, benchmarks, runs, out, judge=args.judge, judge_options=_options(args.judge_option, "--judge-option"),
+        model, processor, benchmarks, runs, out, judge=args.judge or "refusal", judge_options=_options(args.judge_option, "--judge-option"),
         refusal_judge=args.refusal_judge, settings=settings, generator=generator, model_id=model_path,
         name=args.name or Path(args.model).name, limit=args.limit, progress=not args.no_progress, plot=not args.no_plot,
         limit_mode=args.limit_mode, seed=args.seed, skip_missing_images=args.skip_missing_images,
@@ -121,8 +140,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if results is None:  # a non-main process of a sharded run: the main process reports
         return 0
-    from .report import markdown
+    from .report import markdown, write_reports
 
+    if suite is not None:
+        from .suites import suite_report
+
+        results["suite"] = suite_report(suite, results)
+        write_reports(results, out, plot=not args.no_plot)
     print(markdown(results), end="")
     cache = results["cache"]
     print(f"\ngenerated {cache['generated']} answers, reused {cache['reused']} from {out / 'generations.jsonl'}")
@@ -175,7 +199,8 @@ def add_eval_command(sub: Any) -> None:
                         "(repeatable; one run each)")
     p.add_argument("--no-baseline", action="store_true", help="skip the run without plugins")
     p.add_argument("--out", help="output folder (cache and reports)")
-    p.add_argument("--judge", default="refusal", help="judge for harmful sets (default: refusal; llm needs --judge-option model=PATH)")
+    p.add_argument("--judge", help="judge for harmful sets (default: refusal, or the suite's; llm, llama_guard3 and cmrm_paper "
+                                   "need --judge-option model=PATH)")
     p.add_argument("--judge-option", action="append", metavar="key=value", help="option for the judge (repeatable)")
     p.add_argument("--also-judge", action="append", metavar="'NAME [key=value ...]'",
                    help="one more judge on the harmful answers (repeatable): the report gives its unsafe rates and, for "
@@ -201,6 +226,13 @@ def add_eval_command(sub: Any) -> None:
     p.add_argument("--no-plot", action="store_true", help="do not draw results.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--list", action="store_true", help="list the registered benchmarks and judges, then exit")
+    p.add_argument("--suite", choices=["cmrm_paper", "tga_paper"],
+                   help="a paper's protocol: its benchmarks, judge and runs, with the paper's published figures beside "
+                        "the measured ones (docs/evaluation.md, 'Suites')")
+    p.add_argument("--data-root", help="--suite: the folder holding the benchmarks at their usual paths")
+    p.add_argument("--suite-path", action="append", metavar="KEY=PATH", help="--suite: one benchmark's path (repeatable)")
+    p.add_argument("--suite-vectors", help="--suite cmrm_paper: dataset-level vectors calibrated with composition independent")
+    p.add_argument("--suite-alphas", help="--suite cmrm_paper: only these alphas of the paper's sweep, e.g. 0.5,1")
     p.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("eval-report", help="combine several eval results.json side by side")

@@ -135,6 +135,19 @@ def markdown(results: dict[str, Any]) -> str:
                               ", ".join(f"{d['run']}/{d['benchmark']}/{d['id']}" for d in p["disagreements"][:10])
                               + (f", ... ({p['disagreements_total'] - 10} more)" if p["disagreements_total"] > 10 else "")
                               or "none"] for p in compared["pairs"]]))
+    suite = results.get("suite")
+    if suite:
+        lines += ["", f"## Suite {suite['name']}: the paper's figures beside the measured ones", "", suite["description"], ""]
+        if suite["published"]:
+            lines.append(_table(["benchmark", "metric", "published", "source", "measured"],
+                                [[p["benchmark"], p["metric"], p["published_text"], p["source"],
+                                  "; ".join(f"{m['run']}: {format_rate(m)}" for m in p["measured"]) or "not measured"]
+                                 for p in suite["published"]]))
+        else:
+            lines.append("No published figure of the paper could be sourced; none is printed.")
+        for title, items in (("Not available here", suite["unavailable"]), ("Notes", suite["notes"])):
+            if items:
+                lines += ["", f"{title}:", "", *[f"- {item}" for item in items]]
     text_rows = results.get("text_safety") or []
     if text_rows:
         lines += ["", "## Text only vs with the image (runs without a recipe)", "",
