@@ -32,7 +32,7 @@ def tiny_model_dir(tmp_path, tiny_llava, tiny_llava_processor):
 
 
 @pytest.mark.slow
-def test_cmrm_paper_suite_end_to_end(tmp_path, tiny_model_dir, tiny_llava, tiny_llava_processor, capsys):
+def test_cmrm_paper_suite_end_to_end(tmp_path, tiny_model_dir, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     data = tmp_path / "data"
@@ -47,11 +47,14 @@ def test_cmrm_paper_suite_end_to_end(tmp_path, tiny_model_dir, tiny_llava, tiny_
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
                                  bos_token_id=2, eos_token_id=3)).save_pretrained(judge_dir)
     tok.save_pretrained(judge_dir)
-    # dataset-level vectors calibrated with the paper's composition
+    # dataset-level vectors calibrated with the paper's composition, on the model as the suite loads it
+    from lvlm_safety_plugins.loading import load_model_and_processor
+
+    model, processor = load_model_and_processor(str(tiny_model_dir))
     vectors = tmp_path / "v.safetensors"
     rt = Runtime(load_recipe("cmrm_llava15_dataset", [f"cmrm.vectors={vectors}", "cmrm.composition=independent"]),
-                 model=tiny_llava, processor=tiny_llava_processor)
-    rt.calibrate(tiny_llava_processor, [{"image": make_image(10 + i), "prompt": "what is in the image ?"} for i in range(2)])
+                 model=model, processor=processor)
+    rt.calibrate(processor, [{"image": make_image(10 + i), "prompt": "what is in the image ?"} for i in range(2)])
 
     out = tmp_path / "out"
     base = ["eval", "--suite", "cmrm_paper", "--model", str(tiny_model_dir), "--data-root", str(data), "--out", str(out),
