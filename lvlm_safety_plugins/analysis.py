@@ -191,6 +191,34 @@ def analyze(
     )
 
 
+def draw_analysis(result: SafetyAnalysis) -> Any:
+    """The figure of ``analysis.png``: the refusal probability per layer (and the
+    image-caption cosine on a second axis), with one legend below the axes, off the data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(range(result.num_layers))
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    ax.plot(layers, result.refusal_prob, marker="o", label="refusal-token probability (logit lens, harmful text)")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("probability")
+    if result.safety_layers:
+        ax.axvspan(min(result.safety_layers) - 0.5, max(result.safety_layers) + 0.5, alpha=0.15, label="safety layers")
+    handles, labels = ax.get_legend_handles_labels()
+    if result.image_caption_cos is not None:
+        ax2 = ax.twinx()
+        ax2.plot(layers, result.image_caption_cos, marker="s", color="tab:orange", label="cos(image tokens, caption)")
+        ax2.set_ylabel("cosine similarity")
+        more = ax2.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.set_title(f"{result.model_class}: where safety acts")
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0))
+    return fig
+
+
 def write_report(result: SafetyAnalysis, out_dir: str | Path) -> dict[str, str]:
     """Write ``analysis.json`` and (with matplotlib) ``analysis.png``; atomically."""
     out = Path(out_dir)
@@ -198,27 +226,10 @@ def write_report(result: SafetyAnalysis, out_dir: str | Path) -> dict[str, str]:
     written = {"json": str(out / "analysis.json")}
     atomic_write_text(out / "analysis.json", result.to_json())
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         return written
-    layers = list(range(result.num_layers))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(layers, result.refusal_prob, marker="o", label="refusal-token probability (logit lens, harmful text)")
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("probability")
-    if result.safety_layers:
-        ax.axvspan(min(result.safety_layers) - 0.5, max(result.safety_layers) + 0.5, alpha=0.15, label="safety layers")
-    if result.image_caption_cos is not None:
-        ax2 = ax.twinx()
-        ax2.plot(layers, result.image_caption_cos, marker="s", color="tab:orange", label="cos(image tokens, caption)")
-        ax2.set_ylabel("cosine similarity")
-        ax2.legend(loc="upper right")
-    ax.legend(loc="upper left")
-    ax.set_title(f"{result.model_class}: where safety acts")
-    fig.tight_layout()
+    fig = draw_analysis(result)
     written["png"] = str(save_figure(fig, out / "analysis.png", dpi=120))
     return written
 

@@ -21,19 +21,39 @@ def _options(pairs: list[str] | None, flag: str) -> dict[str, str]:
     return options
 
 
-def _print_registry() -> None:
+def describe_entry(obj: Any, width: int = 100, indent: int = 19) -> str:
+    """The first paragraph of ``obj``'s docstring as plain text, whole (never cut
+    mid-sentence), reST double backticks removed, wrapped to ``width``."""
     import inspect
+    import re
+    import textwrap
 
+    doc = inspect.getdoc(obj) or ""
+    para = " ".join(doc.strip().split("\n\n")[0].split())
+    para = re.sub(r"``(.*?)``", r"\1", para).replace(":func:", "").replace(":class:", "")
+    lines = textwrap.wrap(para, width=max(40, width - indent)) or [""]
+    return ("\n" + " " * indent).join(lines)
+
+
+def _judge_spec(text: str) -> tuple[str, dict[str, str]]:
+    """``--also-judge 'NAME [key=value ...]'`` -> ``(name, options)``."""
+    import shlex
+
+    parts = shlex.split(text)
+    if not parts:
+        raise LVLMSafetyError("--also-judge: empty")
+    return parts[0], _options(parts[1:], f"--also-judge {parts[0]}")
+
+
+def _print_registry() -> None:
     from ..registry import benchmarks, judges
 
-    print("benchmarks (--benchmark NAME[,key=value...]:PATH):")
+    print("benchmarks (--benchmark [TITLE@]NAME[,key=value...]:PATH):")
     for name, loader in sorted(benchmarks().items()):
-        doc = (inspect.getdoc(loader) or "").split("\n")[0]
-        print(f"  {name:16s} {doc}")
+        print(f"  {name:16s} {describe_entry(loader)}")
     print("judges (--judge NAME, --judge-option key=value):")
     for name, factory in sorted(judges().items()):
-        doc = (inspect.getdoc(factory) or "").split("\n")[0]
-        print(f"  {name:16s} {doc}")
+        print(f"  {name:16s} {describe_entry(factory)}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -44,16 +64,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.list:
         _print_registry()
         return 0
-    missing = [flag for flag, value in (("--model", args.model), ("--benchmark", args.benchmark), ("--out", args.out)) if not value]
+    suite = None
+    if args.suite:
+        from .suites import get_suite
+
+        suite = get_suite(args.suite)
+        if args.benchmark or args.recipe or args.no_baseline:
+            raise LVLMSafetyError("eval: --suite brings its own benchmarks and runs (no --benchmark, --recipe, --no-baseline)")
+        benchmarks = suite.specs(args.data_root, _options(args.suite_path, "--suite-path"))
+        alphas = None
+        if args.suite_alphas:
+            try:
+                alphas = [float(a) for a in args.suite_alphas.split(",") if a.strip()]
+            except ValueError:
+                raise LVLMSafetyError(f"eval: --suite-alphas {args.suite_alphas!r}: expected numbers such as 0.5,1") from None
+        runs = suite.runs(alphas, args.suite_vectors)
+        if args.judge is None and suite.judge:
+            args.judge = suite.judge
+    missing = [flag for flag, value in (("--model", args.model), ("--benchmark", args.benchmark or suite), ("--out", args.out))
+               if not value]
     if missing:
-        raise LVLMSafetyError(f"eval: {', '.join(missing)} required (or --list)")
-    benchmarks = [BenchmarkSpec.parse(text) for text in args.benchmark]
-    runs = [] if args.no_baseline else [RunSpec("base")]
-    runs += [RunSpec.parse(text) for text in args.recipe or []]
+        raise LVLMSafetyError(f"eval: {', '.join(missing)} required (or --suite NAME, or --list)")
+    if suite is None:
+        benchmarks = [BenchmarkSpec.parse(text) for text in args.benchmark]
+        runs = [] if args.no_baseline else [RunSpec("base")]
+        runs += [RunSpec.parse(text) for text in args.recipe or []]
     if not runs:
         raise LVLMSafetyError("eval: --no-baseline needs at least one --recipe")
     if args.limit is not None and args.limit < 1:
         raise LVLMSafetyError("eval: --limit must be >= 1")
+    if args.limit is None and args.limit_mode != "sample":
+        raise LVLMSafetyError("eval: --limit-mode needs --limit")
     try:
         settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, template=args.template)
     except ValueError as exc:
@@ -100,14 +141,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         model, processor = load_model_and_processor(args.model, args.device, dtype)
     results = evaluate(
-        model, processor, benchmarks, runs, out, judge=args.judge, judge_options=_options(args.judge_option, "--judge-option"),
+        model, processor, benchmarks, runs, out, judge=args.judge or "refusal", judge_options=_options(args.judge_option, "--judge-option"),
         refusal_judge=args.refusal_judge, settings=settings, generator=generator, model_id=model_path,
         name=args.name or Path(args.model).name, limit=args.limit, progress=not args.no_progress, plot=not args.no_plot,
+        limit_mode=args.limit_mode, seed=args.seed, skip_missing_images=args.skip_missing_images,
+        text_variants=not args.no_text_variants, also_judges=[_judge_spec(text) for text in args.also_judge or []],
     )
     if results is None:  # a non-main process of a sharded run: the main process reports
         return 0
-    from .report import markdown
+    from .report import markdown, write_reports
 
+    if suite is not None:
+        from .suites import suite_report
+
+        results["suite"] = suite_report(suite, results)
+        write_reports(results, out, plot=not args.no_plot)
     print(markdown(results), end="")
     if results["settings"].get("prompt_format"):
         print(f"\nprompt format: {results['settings']['prompt_format']}")
@@ -157,18 +205,31 @@ def add_eval_command(sub: Any) -> None:
     p.add_argument("--max-model-len", type=int, help="--engine vllm: the engine's context length (default: the model's)")
     p.add_argument("--model-base", help="--backend llava: the base LLM of a LoRA / projector-only checkpoint")
     p.add_argument("--conv-mode", default="vicuna_v1", help="--backend llava: conversation template (default vicuna_v1, LLaVA-1.5)")
-    p.add_argument("--benchmark", action="append", metavar="NAME[,key=value...]:PATH",
+    p.add_argument("--benchmark", action="append", metavar="[TITLE@]NAME[,key=value...]:PATH",
                    help="a benchmark, e.g. figstep:FigStep/data/question/safebench.csv or "
-                        "mm_safetybench,variant=SD:MM-SafetyBench (repeatable; --list shows the loaders)")
+                        "mmsb-sd@mm_safetybench,variant=SD,scenarios=01,02:MM-SafetyBench; every key=value goes to the "
+                        "loader, TITLE@ names it in reports (repeatable; --list shows the loaders)")
     p.add_argument("--recipe", action="append", metavar="'[NAME@]RECIPE [key=value ...]'",
                    help="also run with this recipe's plugins, e.g. 'cmrm_llava15_dataset cmrm.vectors=v.safetensors' "
                         "(repeatable; one run each)")
     p.add_argument("--no-baseline", action="store_true", help="skip the run without plugins")
     p.add_argument("--out", help="output folder (cache and reports)")
-    p.add_argument("--judge", default="refusal", help="judge for harmful sets (default: refusal; llm needs --judge-option model=PATH)")
+    p.add_argument("--judge", help="judge for harmful sets (default: refusal, or the suite's; llm, llama_guard3 and cmrm_paper "
+                                   "need --judge-option model=PATH)")
     p.add_argument("--judge-option", action="append", metavar="key=value", help="option for the judge (repeatable)")
+    p.add_argument("--also-judge", action="append", metavar="'NAME [key=value ...]'",
+                   help="one more judge on the harmful answers (repeatable): the report gives its unsafe rates and, for "
+                        "every pair of judges, Cohen's kappa and the items they disagree on")
     p.add_argument("--refusal-judge", help="judge for refusals on benign sets (default: the judge if it can, else refusal)")
-    p.add_argument("--limit", type=int, help="only the first N examples of each benchmark")
+    p.add_argument("--limit", type=int, help="at most N examples of each benchmark, sampled evenly across its categories "
+                                             "(seeded; --limit-mode first: the first N)")
+    p.add_argument("--limit-mode", choices=["sample", "first"], default="sample",
+                   help="how --limit picks: sample (default; spread over the categories, --seed) or first")
+    p.add_argument("--seed", type=int, default=0, help="seed of --limit's sampling (default 0)")
+    p.add_argument("--skip-missing-images", action="store_true",
+                   help="leave out items whose image file is missing (counted and named in the report) instead of stopping")
+    p.add_argument("--no-text-variants", action="store_true",
+                   help="do not also answer the text-only variant of benchmarks that have one (FigStep, MM-SafetyBench, ...)")
     p.add_argument("--batch-size", type=int, default=8, help="generation batch size (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length in tokens (default 128)")
     p.add_argument("--template", help="prompt template with {prompt} (default: the processor's chat template, else "
@@ -180,6 +241,13 @@ def add_eval_command(sub: Any) -> None:
     p.add_argument("--no-plot", action="store_true", help="do not draw results.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--list", action="store_true", help="list the registered benchmarks and judges, then exit")
+    p.add_argument("--suite", choices=["cmrm_paper", "tga_paper"],
+                   help="a paper's protocol: its benchmarks, judge and runs, with the paper's published figures beside "
+                        "the measured ones (docs/evaluation.md, 'Suites')")
+    p.add_argument("--data-root", help="--suite: the folder holding the benchmarks at their usual paths")
+    p.add_argument("--suite-path", action="append", metavar="KEY=PATH", help="--suite: one benchmark's path (repeatable)")
+    p.add_argument("--suite-vectors", help="--suite cmrm_paper: dataset-level vectors calibrated with composition independent")
+    p.add_argument("--suite-alphas", help="--suite cmrm_paper: only these alphas of the paper's sweep, e.g. 0.5,1")
     p.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("eval-report", help="combine several eval results.json side by side")

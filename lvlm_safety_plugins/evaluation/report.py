@@ -102,10 +102,64 @@ def markdown(results: dict[str, Any]) -> str:
         recipe = run.get("recipe")
         what = f"recipe `{recipe}`" + (f" with {' '.join(run['overrides'])}" if run.get("overrides") else "") if recipe else "no plugins"
         lines.append(f"- run `{run['name']}`: {what}")
+    settings = results.get("settings") or {}
+    if settings.get("limit"):
+        how = ("the first ones" if settings.get("limit_mode") == "first"
+               else f"sampled evenly across categories (seed {settings.get('seed', 0)})")
+        lines.append(f"- at most {settings['limit']} examples per benchmark, {how}")
+    for bench in results.get("benchmarks", []):
+        gone = bench.get("skipped_missing_images")
+        if gone:
+            shown = ", ".join(gone[:10]) + (f", ... ({len(gone) - 10} more)" if len(gone) > 10 else "")
+            lines.append(f"- **{bench['label']}: {len(gone)} item(s) left out for missing images** ({shown})")
     lines += ["", "Rates with Wilson 95% intervals; ASR = attack success rate, DSR = 1 - ASR.", ""]
     rows = [[bench, label, str(n), *[format_rate(_cell(results, r, bench, section, metric)) for r in runs]]
             for bench, section, metric, label, n in headline_rows(results)]
     lines.append(_table(["benchmark", "metric", "n", *runs], rows))
+    compared = results.get("judges_compared")
+    if compared:
+        lines += ["", "## Judges compared (harmful items)", ""]
+        names = list(compared["judges"])
+        cells = []
+        for bench, section, metric, label, n in headline_rows(results):
+            if metric != "unsafe_rate":
+                continue
+            for r in runs:
+                cells.append([bench, r, *[format_rate(compared["unsafe_rate"].get(j, {}).get(r, {}).get(bench)) for j in names]])
+        lines.append(_table(["benchmark", "run", *[f"unsafe rate: {j}" for j in names]], cells))
+        lines += [""]
+        lines.append(_table(["judges", "n", "agreement", "Cohen's kappa", "disagreeing items"],
+                            [[" vs ".join(p["judges"]), str(p["n"]),
+                              "–" if p["agreement"] is None else f"{100 * p['agreement']:.1f}%",
+                              "undefined (one verdict for every item)" if p["kappa"] is None else f"{p['kappa']:.3f}",
+                              ", ".join(f"{d['run']}/{d['benchmark']}/{d['id']}" for d in p["disagreements"][:10])
+                              + (f", ... ({p['disagreements_total'] - 10} more)" if p["disagreements_total"] > 10 else "")
+                              or "none"] for p in compared["pairs"]]))
+    suite = results.get("suite")
+    if suite:
+        lines += ["", f"## Suite {suite['name']}: the paper's figures beside the measured ones", "", suite["description"], ""]
+        if suite["published"]:
+            lines.append(_table(["benchmark", "metric", "published", "source", "measured"],
+                                [[p["benchmark"], p["metric"], p["published_text"], p["source"],
+                                  "; ".join(f"{m['run']}: {format_rate(m)}" for m in p["measured"]) or "not measured"]
+                                 for p in suite["published"]]))
+        else:
+            lines.append("No published figure of the paper could be sourced; none is printed.")
+        for title, items in (("Not available here", suite["unavailable"]), ("Notes", suite["notes"])):
+            if items:
+                lines += ["", f"{title}:", "", *[f"- {item}" for item in items]]
+    text_rows = results.get("text_safety") or []
+    if text_rows:
+        lines += ["", "## Text only vs with the image (runs without a recipe)", "",
+                  "The same harmful requests as plain text show the LLM's own text safety, which image-side "
+                  "methods (TGA, CMRM) try to carry over to images.", ""]
+        lines.append(_table(["benchmark", "run", "unsafe rate with the image", "text only"],
+                            [[t["benchmark"], t["run"], format_rate(t["image"]), format_rate(t["text"])] for t in text_rows]))
+        for t in text_rows:
+            if t["no_text_safety"]:
+                lines += ["", f"**{t['benchmark']} ({t['run']}): the model complies with {100 * t['text']['rate']:.0f}% of these "
+                          "requests as plain text. Its LLM has no text safety to restore, so no method that carries text safety "
+                          "over to images can show an effect here; use a model whose LLM refuses them as text.**"]
     for bench in [b["label"] for b in results.get("benchmarks", [])]:
         for section, (metric, label) in CATEGORY_METRIC.items():
             cats: dict[str, int] = {}
@@ -126,9 +180,24 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the plotted metrics, each in its own panel, with which direction is better
+PANELS: tuple[tuple[str, str], ...] = (
+    ("unsafe_rate", "unsafe rate (ASR): lower is better"),
+    ("over_refusal_rate", "over-refusal rate: lower is better"),
+    ("accuracy", "accuracy: higher is better"),
+)
+
+
 def plot_results(results: dict[str, Any], path: str | Path) -> Path:
-    """A grouped bar plot (one group per benchmark and metric, one bar per run, Wilson
-    95% intervals as error bars), written atomically as PNG."""
+    """:func:`draw_results`, written atomically as PNG."""
+    return save_figure(draw_results(results), path)
+
+
+def draw_results(results: dict[str, Any]) -> Any:
+    """The matplotlib figure of the results: one panel per metric (unsafe rate, over-refusal, accuracy; each titled with
+    whether lower or higher is better), one group of bars per benchmark, one bar per
+    run, Wilson 95% intervals as error bars; the legend sits below the panels, off the
+    data."""
     try:
         import matplotlib
 
@@ -140,27 +209,39 @@ def plot_results(results: dict[str, Any], path: str | Path) -> Path:
     rows = [row for row in headline_rows(results) if row[2] in PLOTTED]
     if not rows or not runs:
         raise LVLMSafetyError("nothing to plot: the results have no metrics")
+    panels = [(metric, title, [r for r in rows if r[2] == metric]) for metric, title in PANELS]
+    panels = [p for p in panels if p[2]]
     width = 0.8 / len(runs)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + 1.1 * len(rows) * max(1, len(runs)) ** 0.5), 4.2))
-    for i, run in enumerate(runs):
-        xs, heights, err_low, err_high = [], [], [], []
-        for j, (bench, section, metric, _, _) in enumerate(rows):
-            cell = _cell(results, run, bench, section, metric)
-            if not cell or cell.get("rate") is None:
-                continue
-            xs.append(j + (i - (len(runs) - 1) / 2) * width)
-            heights.append(cell["rate"])
-            err_low.append(cell["rate"] - cell["ci"][0])
-            err_high.append(cell["ci"][1] - cell["rate"])
-        ax.bar(xs, heights, width, yerr=[err_low, err_high], capsize=3, label=run)
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([f"{bench}\n{label}" for bench, _, _, label, _ in rows], fontsize=7)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("rate (Wilson 95% CI)")
-    ax.set_title(f"Safety evaluation: {results.get('name', '')}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, path)
+    widest = max(len(p[2]) for p in panels)
+    fig, axes = plt.subplots(1, len(panels), squeeze=False, sharey=True,
+                             figsize=(max(6.0, sum(1.6 + 0.9 * len(p[2]) * max(1, len(runs)) ** 0.5 for p in panels)), 4.6),
+                             gridspec_kw={"width_ratios": [max(1, len(p[2])) for p in panels]})
+    colours = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    for ax, (metric, title, panel_rows) in zip(axes[0], panels):
+        for i, run in enumerate(runs):
+            xs, heights, err_low, err_high = [], [], [], []
+            for j, (bench, section, metric_, _, _) in enumerate(panel_rows):
+                cell = _cell(results, run, bench, section, metric_)
+                if not cell or cell.get("rate") is None:
+                    continue
+                xs.append(j + (i - (len(runs) - 1) / 2) * width)
+                heights.append(cell["rate"])
+                err_low.append(cell["rate"] - cell["ci"][0])
+                err_high.append(cell["ci"][1] - cell["rate"])
+            ax.bar(xs, heights, width, yerr=[err_low, err_high], capsize=3, label=run, color=colours[i % len(colours)])
+        ax.set_xticks(range(len(panel_rows)))
+        ax.set_xticklabels([bench for bench, *_ in panel_rows], fontsize=7, rotation=20 if widest > 3 else 0,
+                           ha="right" if widest > 3 else "center")
+        ax.set_xlim(-0.6, len(panel_rows) - 0.4)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(0, 1.05)
+    axes[0][0].set_ylabel("rate (Wilson 95% CI)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.suptitle(f"Safety evaluation: {results.get('name', '')}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(runs), 6), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.0))
+    return fig
 
 
 def write_reports(results: dict[str, Any], out_dir: str | Path, plot: bool = True) -> dict[str, Path]:
@@ -228,5 +309,5 @@ def combine(results_list: Sequence[dict[str, Any]], names: Sequence[str] | None 
     return merged
 
 
-__all__ = ["HEADLINE", "PlotUnavailable", "combine", "format_rate", "headline_rows", "load_results", "markdown",
+__all__ = ["HEADLINE", "PANELS", "PlotUnavailable", "combine", "draw_results", "format_rate", "headline_rows", "load_results", "markdown",
            "plot_results", "write_reports"]

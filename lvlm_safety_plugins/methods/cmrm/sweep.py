@@ -299,12 +299,22 @@ def write_sweep(result: SweepResult, out_dir: str | Path) -> dict[str, str | Non
     atomic_write_text(out / "sweep.json", json.dumps(result.to_dict(), indent=2))
     written: dict[str, str | None] = {"json": str(out / "sweep.json"), "png": None}
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         return written
+    written["png"] = str(save_figure(draw_sweep(result), out / "sweep.png", tight=True))
+    return written
+
+
+def draw_sweep(result: SweepResult) -> Any:
+    """The figure of ``sweep.png``: harmful refused against over-refusal and against
+    utility. Points at the same place carry one label (their alphas joined); a panel
+    without data says why."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     steered = [p for p in result.points if p.alpha > 0]
     labels = list(dict.fromkeys(p.label for p in steered))
     # few settings: one curve each, alpha on every point; many: the points coloured by
@@ -316,20 +326,37 @@ def write_sweep(result: SweepResult, out_dir: str | Path) -> dict[str, str | Non
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for ax, other, xlabel in ((axes[0], "benign_refused", "benign over-refusal (lower is better)"),
                               (axes[1], "utility", "utility (higher is better)")):
+        base = result.baseline
+        if not any(math.isfinite(p.metrics.get(other, float("nan"))) for p in result.points):
+            why = ("no benign items in the validation data:\nover-refusal was not measured" if other == "benign_refused"
+                   else "no multiple-choice items in the validation data:\nutility was not measured")
+            ax.text(0.5, 0.5, why, ha="center", va="center", fontsize=9, transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_xlabel(xlabel)
+            ax.set_ylim(-0.02, 1.02)
+            continue
         if curves:
             for label in labels:
                 pts = [result.points[0]] + [p for p in steered if p.label == label]
                 xs = [p.metrics.get(other, float("nan")) for p in pts]
                 ys = [p.metrics["harmful_refused"] for p in pts]
                 ax.plot(xs, ys, marker="o", label=label)
-                for p, x, y in zip(pts, xs, ys):
-                    ax.annotate(f"{p.alpha:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+            # one label per place: the alphas of every point drawn there (the unsteered
+            # point is shared by all curves)
+            spots: dict[tuple[float, float], list[float]] = {}
+            for p in [result.points[0], *steered]:
+                x, y = p.metrics.get(other, float("nan")), p.metrics["harmful_refused"]
+                if math.isfinite(x) and math.isfinite(y):
+                    alphas = spots.setdefault((round(x, 6), round(y, 6)), [])
+                    if p.alpha not in alphas:
+                        alphas.append(p.alpha)
+            for (x, y), alphas in spots.items():
+                ax.annotate(_alpha_text(alphas), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
         else:
             for i, name in enumerate(groups):
                 pts = [p for p in steered if group(p) == name]
                 ax.scatter([p.metrics.get(other, float("nan")) for p in pts], [p.metrics["harmful_refused"] for p in pts],
                            s=14, alpha=0.55, color=f"C{i % 10}", label=name)
-        base = result.baseline
         ax.scatter([base.get(other, float("nan"))], [base["harmful_refused"]], color="black", zorder=5, label="unsteered")
         if result.chosen is not None:
             c = result.chosen
@@ -342,12 +369,22 @@ def write_sweep(result: SweepResult, out_dir: str | Path) -> dict[str, str | Non
         ax.set_xlabel(xlabel)
         ax.set_ylabel("harmful refused (higher is better)")
         ax.set_ylim(-0.02, 1.02)
-    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    handles, names = axes[0].get_legend_handles_labels()
+    if not handles:
+        handles, names = axes[1].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95))
     title = "labels: alpha" if curves else f"{len(steered)} settings, coloured by {', '.join(_varying(steered)[:2]) or 'layers'}"
     fig.suptitle(f"CMRM sweep on the validation split ({title})", fontsize=10)
     fig.tight_layout()
-    written["png"] = str(save_figure(fig, out / "sweep.png", tight=True))
-    return written
+    return fig
+
+
+def _alpha_text(alphas: Sequence[float]) -> str:
+    """One label for the alphas drawn at one place: ``0.5``, ``0, 0.1, 0.2`` or ``0.1-1 (10)``."""
+    alphas = sorted(alphas)
+    if len(alphas) <= 3:
+        return ", ".join(f"{a:g}" for a in alphas)
+    return f"{alphas[0]:g}-{alphas[-1]:g} ({len(alphas)})"
 
 
 #: at most this many settings are drawn as curves in ``sweep.png``; more are drawn as points
