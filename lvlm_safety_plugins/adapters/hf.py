@@ -204,6 +204,21 @@ class HFVisionLanguageAdapter(ModelAdapter):
                 out.append(int(tok))
         return out
 
+    #: decoder-layer attributes that normalise the MLP's output before the residual
+    #: addition (Gemma 2/3/4's sandwich norm): a bias in ``down_proj`` is then not an
+    #: addition to the residual stream
+    POST_MLP_NORMS: ClassVar[tuple[str, ...]] = ("post_feedforward_layernorm",)
+
+    def fold_refusal(self) -> str | None:
+        """Why CMRM vectors cannot be folded into this model's MLP output biases, or
+        ``None``."""
+        layer = self.decoder_layers[0]
+        for name in self.POST_MLP_NORMS:
+            if isinstance(getattr(layer, name, None), nn.Module):
+                return (f"{type(self.model).__name__} normalises the MLP's output ({name}) before adding it to the "
+                        "residual stream, so a bias in down_proj is not the steering vector")
+        return None
+
     # -- batches -----------------------------------------------------------------
 
     def _drop_tokens(self, batch: Mapping[str, Any], drop: torch.Tensor) -> dict[str, Any]:
@@ -395,12 +410,18 @@ class HFOvis2Adapter(HFVisionLanguageAdapter):
 class HFMolmo2Adapter(HFVisionLanguageAdapter):
     """``Molmo2ForConditionalGeneration``: the placeholder is ``image_patch_id`` and the
     model *adds* the pooled features to the placeholders' embeddings (the positions are
-    the same; what lands there is embedding + projector output). The text-only variant
+    the same; what lands there is embedding + projector output). The projector is
+    ``multi_modal_projector.image_projector`` (the MLP after the attention pooling,
+    whose output is what is added). The text-only variant
     drops the placeholders and the image start/end markers (``image_start_token_id``,
     ``low_res_image_start_token_id``, ``image_end_token_id``)."""
 
     family = "HF Molmo2 (added features)"
     model_classes = ("Molmo2ForConditionalGeneration",)
+    #: the projector's last part, whose tensor output is what is added at the
+    #: placeholders (``multi_modal_projector`` itself returns a ``ModelOutput`` and
+    #: holds the attention pooling too)
+    projector_paths = ("model.multi_modal_projector.image_projector", "multi_modal_projector.image_projector")
 
 
 class RefusedModelAdapter(ModelAdapter):
