@@ -257,6 +257,9 @@ class ForwardCapture:
         detach: bool = False,
     ) -> None:
         self.layers = _capture_layers(adapter, list(layers), pooling)  # () captures no states
+        check = getattr(adapter, "check_image_state_layers", None)  # Qwen3-VL deepstack (docs/adapters.md)
+        if check is not None:
+            check(self.layers)
         self.adapter = adapter
         self.layout = layout
         self.pooling = pooling

@@ -47,6 +47,11 @@ turning gradient checkpointing on       ``gradient_checkpointing_enable(gradient
                                         ``activation_checkpointing_enable(activation_
                                         checkpointing_kwargs=)`` from 5.25 (the old name
                                         deprecated) (:func:`enable_checkpointing`)
+vision-language families (issue 30)     decoder through ``get_decoder()``/``language_model``
+                                        (:func:`language_model_of`); image token, marker,
+                                        projector and token-type names per family
+                                        (:data:`IMAGE_TOKEN_KEYS` & co., read from 4.57/5.25);
+                                        Qwen3-VL deepstack (:func:`deepstack_layer_count`)
 ======================================  =====================================================
 """
 
@@ -273,8 +278,12 @@ def llava_splices_image_features(model: Any) -> bool:
 
 
 #: ``generate`` arguments that carry images; from about 5.20 ``generate`` encodes the
-#: image before the first forward and passes ``mm_encoder_outputs`` instead
-GENERATE_IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "images")
+#: image before the first forward and passes ``mm_encoder_outputs`` instead. The
+#: vision-language families' own image arguments (Idefics3/SmolVLM, Gemma 4, Molmo2)
+#: and token types (Gemma 3/4 and PaliGemma image blocks; 4.57 and 5.x) travel with them
+GENERATE_IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "images", "pixel_attention_mask",
+                       "image_position_ids", "image_token_pooling", "image_grids", "image_num_crops",
+                       "token_type_ids", "mm_token_type_ids")
 
 
 def dtype_kwargs(dtype: Any) -> dict[str, Any]:
@@ -499,4 +508,107 @@ __all__ = [
     "trainer_tokenizer_kwargs",
     "transformers_version",
     "version_in_tested_range",
+    # vision-language families (issue 30)
+    "DECODER_LAYER_SUBPATHS",
+    "IMAGE_MARKER_KEYS",
+    "IMAGE_TOKEN_KEYS",
+    "TOKEN_TYPE_KEYS",
+    "VLM_IMAGE_KEYS",
+    "VLM_PROJECTOR_PATHS",
+    "deepstack_layer_count",
+    "deepstack_mergers",
+    "language_model_of",
 ]
+
+
+# == vision-language families (the generic HF adapter; issue 30) ==============================
+# Kept apart from the blocks above: every coupling of lvlm_safety_plugins.adapters.hf to a
+# model family's internals, with the versions it was read from (4.57.x and 5.25).
+
+#: config fields naming the image placeholder token: ``image_token_index`` (Llava,
+#: LlavaOnevision, Mistral3, Aya Vision, PaliGemma and Gemma 3 up to 4.5x, Llama 4),
+#: ``image_token_id`` (Qwen2/2.5/3-VL, Qwen3.5, GLM-4V, InternVL, Idefics3, SmolVLM,
+#: Ovis2, Gemma 3/PaliGemma in 5.x, Gemma 4), ``image_patch_id`` (Molmo2, 5.x)
+IMAGE_TOKEN_KEYS = ("image_token_id", "image_token_index", "image_patch_id")
+
+#: config fields naming tokens that bracket an image (start/end markers): dropped together
+#: with the placeholders in the text-only variant. Gemma 3 and Llama 4 ``boi/eoi_token_index``
+#: (4.50-5.x), Gemma 4 ``boi/eoi_token_id``, Qwen-VL and Qwen3.5 ``vision_start/end_token_id``,
+#: GLM-4V and Molmo2 ``image_start/end_token_id`` (Molmo2 also ``low_res_image_start_token_id``),
+#: and ``image_break_token_id``/``image_end_token_id`` where a Mistral3 config carries them
+IMAGE_MARKER_KEYS = (
+    "boi_token_id", "boi_token_index", "eoi_token_id", "eoi_token_index",
+    "vision_start_token_id", "vision_end_token_id", "image_start_token_id", "image_end_token_id",
+    "low_res_image_start_token_id", "image_break_token_id",
+)
+
+#: where the projector (what maps vision features into the LLM's embedding space) sits, in
+#: the order probed: under ``.model`` from 4.52 / 5.x, at the top before (and in Llama 4 at
+#: every version). Qwen-style and GLM-4V: ``visual.merger``; Idefics3/SmolVLM:
+#: ``connector``; Gemma 4: ``embed_vision``; Ovis2: ``visual_embeddings_table``
+VLM_PROJECTOR_PATHS = (
+    "model.multi_modal_projector", "multi_modal_projector",
+    "model.visual.merger", "visual.merger",
+    "model.connector", "connector",
+    "model.embed_vision", "embed_vision",
+    "model.visual_embeddings_table", "visual_embeddings_table",
+)
+
+#: batch keys of token types (Gemma 3/4 and PaliGemma attend bidirectionally inside the
+#: image blocks they mark; Qwen-VL/GLM-4V/Molmo2 ``mm_token_type_ids`` from 5.x): carried
+#: column by column into the text-only variant, never recomputed
+TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
+
+#: batch keys that carry images (removed from the text-only variant), all families, 4.57/5.25
+VLM_IMAGE_KEYS = (
+    "pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_position_ids",
+    "image_token_pooling", "image_grids", "image_num_crops", "aspect_ratio_ids", "aspect_ratio_mask",
+    "cross_attention_mask", "mm_encoder_outputs",
+)
+
+
+def language_model_of(model: Any) -> Any:
+    """The text decoder of a ``*ForConditionalGeneration`` through the model's own
+    accessors: ``get_decoder()`` (4.57 and 5.x: the text model; 4.57 Idefics3/SmolVLM
+    return the whole multimodal model, whose ``text_model`` holds the layers), then the
+    ``language_model`` attribute (top level in Llama 4 and before 4.52, under ``.model``
+    after). ``None`` if the model offers neither."""
+    getter = getattr(model, "get_decoder", None)
+    if callable(getter):
+        try:
+            found = getter()
+        except Exception:  # noqa: BLE001 - a get_decoder that cannot answer: try the attributes
+            found = None
+        if isinstance(found, torch.nn.Module) and found is not model:
+            return found
+    for owner in (model, getattr(model, "model", None)):
+        lm = getattr(owner, "language_model", None) if owner is not None else None
+        if isinstance(lm, torch.nn.Module):
+            return lm
+    return None
+
+
+#: under the text decoder found by :func:`language_model_of`, where its layers are:
+#: ``layers`` (5.x text models), ``model.layers`` (a ``...ForCausalLM``: Llama 4, 4.x),
+#: ``text_model.layers`` / ``language_model.layers`` (a whole multimodal model: 4.57
+#: Idefics3/SmolVLM ``get_decoder()``)
+DECODER_LAYER_SUBPATHS = ("layers", "model.layers", "text_model.layers", "language_model.layers")
+
+
+def deepstack_layer_count(model: Any) -> int:
+    """How many of the first decoder layers get Qwen3-VL's deepstack visual features
+    added to their output at the image positions (``len(vision_config.
+    deepstack_visual_indexes)``; Qwen3-VL and its MoE class, 4.57 and 5.x). 0 elsewhere."""
+    vision = getattr(getattr(model, "config", None), "vision_config", None)
+    indexes = getattr(vision, "deepstack_visual_indexes", None)
+    return len(indexes) if indexes else 0
+
+
+def deepstack_mergers(model: Any) -> Any:
+    """Qwen3-VL's ``visual.deepstack_merger_list`` (under ``.model`` from 4.57), or ``None``."""
+    for owner in (getattr(model, "model", None), model):
+        visual = getattr(owner, "visual", None) if owner is not None else None
+        found = getattr(visual, "deepstack_merger_list", None) if visual is not None else None
+        if isinstance(found, torch.nn.Module):
+            return found
+    return None

@@ -16,6 +16,7 @@ from torch import nn
 from ..compat import (
     DECODER_LAYER_PATHS,
     FINAL_NORM_PATHS,
+    IMAGE_TOKEN_KEYS,
     PROJECTOR_PATHS,
     layer_hidden,
     replace_layer_hidden,
@@ -123,21 +124,9 @@ class ModelAdapter:
 
     # -- structure --------------------------------------------------------------
 
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        """The LLM's decoder layers, in order."""
-        for path in self.layer_paths:
-            layers = get_path(self.model, path)
-            if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-                return layers
-        raise UnsupportedModelError(
-            f"{type(self.model).__name__}: no decoder layers found at any of {', '.join(self.layer_paths)}"
-        )
-
-    @property
-    def decoder_owner(self) -> tuple[nn.Module, str]:
-        """The module that holds :attr:`decoder_layers` and the attribute name it holds
-        them under (``(language_model, "layers")``)."""
+    def _layer_owner(self) -> tuple[nn.Module, str] | None:
+        """``(module, attribute)`` holding the decoder layers, or ``None``: probes
+        :attr:`layer_paths` in order (adapters with a better way override this)."""
         for path in self.layer_paths:
             layers = get_path(self.model, path)
             if isinstance(layers, nn.ModuleList) and len(layers) > 0:
@@ -145,9 +134,24 @@ class ModelAdapter:
                 parent = get_path(self.model, parent_path) if parent_path else self.model
                 if isinstance(parent, nn.Module) and parent._modules.get(attr) is layers:
                     return parent, attr
-        raise UnsupportedModelError(
-            f"{type(self.model).__name__}: no module holding the decoder layers at any of {', '.join(self.layer_paths)}"
-        )
+        return None
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        """The LLM's decoder layers, in order."""
+        owner, attr = self.decoder_owner
+        return owner._modules[attr]  # type: ignore[return-value]
+
+    @property
+    def decoder_owner(self) -> tuple[nn.Module, str]:
+        """The module that holds :attr:`decoder_layers` and the attribute name it holds
+        them under (``(language_model, "layers")``)."""
+        found = self._layer_owner()
+        if found is None:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: no decoder layers found at any of {', '.join(self.layer_paths)}"
+            )
+        return found
 
     @property
     def num_layers(self) -> int:
@@ -197,7 +201,7 @@ class ModelAdapter:
     @property
     def image_token_id(self) -> int:
         cfg = self.model.config
-        for key in ("image_token_id", "image_token_index"):
+        for key in IMAGE_TOKEN_KEYS:
             value = getattr(cfg, key, None)
             if value is not None:
                 return int(value)

@@ -86,6 +86,9 @@ def fold_into_weights(
         vectors.check_use(composition=composition or vectors.composition, layers=chosen, alpha=by_layer,
                           positions=["image", "text"] if vectors.composition == "sequential" else None, strict=strict)
     decoder = adapter.decoder_layers
+    refusal = getattr(adapter, "fold_refusal", lambda: None)()  # e.g. Gemma's norm after the MLP (docs/adapters.md)
+    if refusal:
+        raise LVLMSafetyError(f"fold_into_weights: {refusal}; use hooked steering instead")
     missing = [layer for layer in chosen if layer not in table]
     if missing:
         raise LVLMSafetyError(f"no calibrated vector for layers {missing}")

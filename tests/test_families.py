@@ -1,0 +1,629 @@
+"""Every supported HF vision-language family on a tiny random model built from its
+config (nothing downloaded): one row per family in ``FAMILIES``, so adding a family is
+one line.
+
+No processor of these families can be built offline (their tokenizers are files on the
+Hub), so every test feeds ``input_ids`` and the pixel tensors directly, laid out as the
+family's processor lays them out: the image start/end markers, then one placeholder per
+image feature (the count the family's vision tower produces for the given pixels),
+token types where the family uses them. Rows whose class does not exist in the installed
+transformers are skipped by name.
+
+What each row checks, against computations written here (never against the adapter):
+
+- the layout's image mask is exactly the set of positions where something else than the
+  token embedding enters the decoder in a real forward (a pre-hook on the decoder the
+  model's own ``get_decoder()`` returns), and what lands there is the projector's output
+  (a forward hook on the projector module named in the row; Molmo2 adds it to the
+  placeholder embedding, Ovis2 also writes its indicator tokens);
+- the text-only variant drops the placeholders and the markers, keeps the token types;
+- CMRM: the shift measured by the library equals one from ``output_hidden_states``;
+  dataset- and sample-level steering in ``generate`` with the KV cache equal the same
+  edit written as a plain forward hook; folding into the MLP bias equals hooked steering
+  where the MLP's output is added to the residual stream as it is;
+- TGA's capture: projector output and pooled image states, with gradients;
+- the comparative loss's drop and crop ablations give three different losses and a
+  gradient;
+- afterwards no hook is left and every parameter is bit-identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import pytest
+import torch
+import transformers
+
+from lvlm_safety_plugins import Runtime, get_adapter, load_recipe
+from lvlm_safety_plugins.adapters import hf
+from lvlm_safety_plugins.capture import ForwardCapture
+from lvlm_safety_plugins.errors import LayerError, UnsupportedModelError
+from lvlm_safety_plugins.methods.cmrm.steer import apply as cmrm_apply
+from lvlm_safety_plugins.methods.cmrm.steer import steer as cmrm_steer
+from lvlm_safety_plugins.methods.cmrm.calibration import measure_states
+from lvlm_safety_plugins.methods.cmrm.folding import fold_into_weights
+
+V, IMG, BOI, EOI = 128, 100, 101, 102
+TEXT = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+SIGLIP = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+              num_attention_heads=2, image_size=28, patch_size=14)
+QWEN_VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=16)
+MROPE = {"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+
+
+def _px(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _image(b: int = 2, seed: int = 0) -> dict:
+    return {"pixel_values": _px(b, 3, 28, 28, seed=seed)}
+
+
+def _qwen_pixels(b: int = 2, seed: int = 0) -> dict:
+    return {"pixel_values": _px(b * 16, 3 * 2 * 14 * 14, seed=seed), "image_grid_thw": torch.tensor([[1, 4, 4]] * b)}
+
+
+# -- configs (tiny, random) ------------------------------------------------------------------
+
+
+def _onevision(T):
+    return T.LlavaOnevisionConfig(vision_config=SIGLIP, text_config=dict(TEXT, model_type="qwen2"), image_token_index=IMG,
+                                  image_grid_pinpoints=[[28, 28]], vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9")
+
+
+def _mistral3(T):
+    vision = dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14, head_dim=8)
+    return T.Mistral3Config(vision_config=vision, text_config=dict(TEXT, model_type="mistral"), image_token_index=10,
+                            spatial_merge_size=2, vision_feature_layer=-1)
+
+
+def _aya(T):
+    return T.AyaVisionConfig(vision_config=SIGLIP, text_config=dict(TEXT, model_type="cohere2"), image_token_index=IMG,
+                             downsample_factor=2, vision_feature_layer=-1)
+
+
+def _internvl(T):
+    vision = dict(model_type="internvl_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=[28, 28], patch_size=[14, 14])
+    return T.InternVLConfig(vision_config=vision, text_config=dict(TEXT, model_type="qwen2"), image_token_id=IMG,
+                            downsample_ratio=0.5, vision_feature_layer=-1)
+
+
+def _paligemma(T):
+    return T.PaliGemmaConfig(vision_config=SIGLIP, text_config=dict(TEXT, model_type="gemma"), image_token_index=IMG,
+                             projection_dim=32)
+
+
+def _gemma3(T):
+    return T.Gemma3Config(vision_config=SIGLIP, text_config=dict(TEXT, model_type="gemma3_text", sliding_window=8),
+                          image_token_index=IMG, boi_token_index=BOI, eoi_token_index=EOI, mm_tokens_per_image=1)
+
+
+def _gemma4(T):
+    text = dict(TEXT, model_type="gemma4_text", hidden_size_per_layer_input=8, vocab_size_per_layer_input=V,
+                sliding_window=8, layer_types=["sliding_attention", "full_attention"], global_head_dim=8)
+    vision = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=8, patch_size=16, position_embedding_size=64, pooling_kernel_size=2)
+    return T.Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=IMG, boi_token_id=BOI,
+                          eoi_token_id=EOI, video_token_id=103, audio_token_id=104, boa_token_id=105, eoa_token_index=106)
+
+
+def _gemma4_pixels(b: int = 2, seed: int = 0) -> dict:
+    grid = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="xy"), -1).reshape(16, 2)
+    return {"pixel_values": _px(b, 16, 3 * 16 * 16, seed=seed), "image_position_ids": torch.stack([grid] * b)}
+
+
+def _qwen3vl(T, moe=False):
+    text = dict(TEXT, rope_scaling=MROPE, rope_parameters=MROPE)
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1, mlp_only_layers=[])
+    cls = T.Qwen3VLMoeConfig if moe else T.Qwen3VLConfig
+    return cls(text_config=text, vision_config=dict(QWEN_VISION, deepstack_visual_indexes=[0]), image_token_id=IMG,
+               vision_start_token_id=BOI, vision_end_token_id=EOI)
+
+
+def _qwen35(T, moe=False):
+    text = dict(TEXT, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_num_value_heads=2,
+                linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=2,
+                rope_parameters=dict(MROPE, partial_rotary_factor=0.5))
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16)
+    cls = T.Qwen3_5MoeConfig if moe else T.Qwen3_5Config
+    return cls(text_config=text, vision_config=dict(QWEN_VISION), image_token_id=IMG, vision_start_token_id=BOI,
+               vision_end_token_id=EOI)
+
+
+def _glm4v(T, moe=False):
+    text = dict(TEXT, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "partial_rotary_factor": 1.0})
+    if moe:
+        text.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                    first_k_dense_replace=1, n_group=1, topk_group=1)
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, image_size=28)
+    cls = T.Glm4vMoeConfig if moe else T.Glm4vConfig
+    return cls(text_config=text, vision_config=vision, image_token_id=IMG, image_start_token_id=BOI, image_end_token_id=EOI,
+               video_start_token_id=103, video_end_token_id=104)
+
+
+def _idefics3(T, smol=False):
+    cls = T.SmolVLMConfig if smol else T.Idefics3Config
+    vision = dict(model_type="smolvlm_vision" if smol else "idefics3_vision", hidden_size=16, intermediate_size=32,
+                  num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    cfg = cls(vision_config=vision, text_config=dict(TEXT, model_type="llama"), image_token_id=IMG, scale_factor=2)
+    cfg.image_marker_token_ids = [BOI, EOI]  # <fake_token_around_image>, <global-img>: the processor's, not the config's
+    return cfg
+
+
+def _idefics3_pixels(b: int = 2, seed: int = 0) -> dict:
+    return {"pixel_values": _px(b, 1, 3, 56, 56, seed=seed), "pixel_attention_mask": torch.ones(b, 1, 56, 56, dtype=torch.long)}
+
+
+def _llama4(T):
+    text = dict(TEXT, model_type="llama4_text", intermediate_size_mlp=64, num_local_experts=2, interleave_moe_layer_step=2,
+                attention_chunk_size=64, no_rope_layer_interval=4)
+    vision = dict(hidden_size=16, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32,
+                  pixel_shuffle_ratio=0.5, rope_theta=10000)
+    return T.Llama4Config(vision_config=vision, text_config=text, image_token_index=IMG, boi_token_index=BOI,
+                          eoi_token_index=EOI)
+
+
+def _ovis2(T):
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14, vocab_size=24, hidden_stride=1, num_visual_indicator_tokens=5)
+    return T.Ovis2Config(vision_config=vision, text_config=dict(TEXT, model_type="qwen2"), image_token_id=IMG,
+                         visual_indicator_token_ids=[BOI, EOI, 103, 104, 105], vocab_size=V, hidden_size=32)
+
+
+def _molmo2(T):
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                  head_dim=8, patch_size=14, num_position_embeddings=4, image_default_input_size=[28, 28])
+    adapter = dict(hidden_size=16, num_attention_heads=2, num_key_value_heads=2, head_dim=8, intermediate_size=32,
+                   text_hidden_size=32, vit_layers=[-1], initializer_range=0.5)  # else its features are ~1e-9
+    return T.Molmo2Config(vision_config=vision, adapter_config=adapter, text_config=dict(TEXT, additional_vocab_size=16),
+                          image_start_token_id=BOI, low_res_image_start_token_id=103, image_end_token_id=EOI,
+                          image_patch_id=IMG, frame_start_token_id=104, frame_end_token_id=105)
+
+
+def _molmo2_pixels(b: int = 2, seed: int = 0) -> dict:
+    return {"pixel_values": _px(b, 4, 3 * 14 * 14, seed=seed), "image_token_pooling": torch.tensor([[0, 1], [2, 3]] * b),
+            "image_grids": torch.tensor([[1, 1, 1, 1]] * b), "image_num_crops": torch.tensor([1] * b)}
+
+
+@dataclass(frozen=True)
+class Family:
+    cls: str  # the transformers class name without "ForConditionalGeneration"
+    config: Callable[[Any], Any]
+    pixels: Callable[..., dict]
+    features: int  # placeholders per image the processor writes for these pixels
+    projector: str  # the module whose output lands in the decoder's input
+    adapter: type = hf.HFVisionLanguageAdapter
+    before: tuple[int, ...] = (BOI,)  # markers before the placeholders
+    after: tuple[int, ...] = (EOI,)  # markers after
+    token_types: str | None = None  # "token_type_ids" / "mm_token_type_ids": image positions are 1
+    added: bool = False  # the features are added to the placeholder embeddings (Molmo2)
+    #: the MLP is Llama-style (gate/up/down linears) and its output is added to the residual
+    #: stream as it is; else folding is refused (MoE, fused gate_up, Gemma's post-MLP norm)
+    folds: bool = True
+    extra_image: tuple[int, ...] = ()  # tokens besides the placeholders that get image content (Ovis2)
+    image: int = IMG  # the placeholder token
+    image_processor: str | None = None  # the family's image processor class (built offline, defaults)
+    newline: str | None = None  # a learned row separator the model writes among the features (LLaVA-OneVision)
+
+
+FAMILIES = [
+    Family("LlavaOnevision", _onevision, lambda b=2, seed=0: {"pixel_values": _px(b, 2, 3, 28, 28, seed=seed),
+                                                               "image_sizes": torch.tensor([[28, 28]] * b)},
+           10, "model.multi_modal_projector", before=(), after=(), newline="model.image_newline",
+           image_processor="LlavaOnevisionImageProcessor"),
+    Family("Mistral3", _mistral3, lambda b=2, seed=0: {**_image(b, seed), "image_sizes": torch.tensor([[28, 28]] * b)},
+           1, "model.multi_modal_projector", adapter=hf.HFMistral3Adapter, before=(), after=(13,), image=10,
+           image_processor="PixtralImageProcessor"),
+    Family("AyaVision", _aya, _image, 1, "model.multi_modal_projector", before=(), after=(),
+           image_processor="GotOcr2ImageProcessor"),
+    Family("InternVL", _internvl, _image, 1, "model.multi_modal_projector", before=(), after=(),
+           image_processor="GotOcr2ImageProcessor"),
+    Family("PaliGemma", _paligemma, _image, 4, "model.multi_modal_projector", adapter=hf.HFGemmaVisionAdapter,
+           before=(), after=(), token_types="token_type_ids", image_processor="SiglipImageProcessor"),
+    Family("Gemma3", _gemma3, _image, 1, "model.multi_modal_projector", adapter=hf.HFGemmaVisionAdapter,
+           token_types="token_type_ids", folds=False, image_processor="Gemma3ImageProcessor"),
+    Family("Gemma4", _gemma4, _gemma4_pixels, 4, "model.embed_vision", adapter=hf.HFGemmaVisionAdapter,
+           token_types="mm_token_type_ids", folds=False, image_processor="Gemma4ImageProcessor"),
+    Family("Qwen3VL", _qwen3vl, _qwen_pixels, 4, "model.visual.merger", adapter=hf.HFQwen3VLAdapter,
+           token_types="mm_token_type_ids", image_processor="Qwen2VLImageProcessor"),
+    Family("Qwen3VLMoe", lambda T: _qwen3vl(T, moe=True), _qwen_pixels, 4, "model.visual.merger",
+           adapter=hf.HFQwen3VLAdapter, token_types="mm_token_type_ids", folds=False),
+    Family("Qwen3_5", _qwen35, _qwen_pixels, 4, "model.visual.merger", token_types="mm_token_type_ids"),
+    Family("Qwen3_5Moe", lambda T: _qwen35(T, moe=True), _qwen_pixels, 4, "model.visual.merger",
+           token_types="mm_token_type_ids", folds=False),
+    Family("Glm4v", _glm4v, _qwen_pixels, 4, "model.visual.merger", token_types="mm_token_type_ids",
+           image_processor="Glm4vImageProcessor", folds=False),
+    Family("Glm4vMoe", lambda T: _glm4v(T, moe=True), _qwen_pixels, 4, "model.visual.merger",
+           token_types="mm_token_type_ids", folds=False),
+    Family("Idefics3", _idefics3, _idefics3_pixels, 4, "model.connector", adapter=hf.HFIdefics3Adapter,
+           image_processor="Idefics3ImageProcessor"),
+    Family("SmolVLM", lambda T: _idefics3(T, smol=True), _idefics3_pixels, 4, "model.connector",
+           adapter=hf.HFIdefics3Adapter, image_processor="SmolVLMImageProcessor"),
+    Family("Llama4", _llama4, _image, 1, "multi_modal_projector", folds=False),
+    Family("Ovis2", _ovis2, _image, 4, "model.visual_embeddings_table", adapter=hf.HFOvis2Adapter,
+           extra_image=(BOI, EOI), image_processor="Ovis2ImageProcessor"),
+    Family("Molmo2", _molmo2, _molmo2_pixels, 2, "model.multi_modal_projector.image_projector",
+           adapter=hf.HFMolmo2Adapter, added=True,
+           token_types="mm_token_type_ids"),
+]
+
+
+def _image_processor(name: str):
+    """The image processor class, its PIL variant where transformers 5.x has one and
+    torchvision is missing (no warning), with default settings."""
+    from lvlm_safety_plugins import compat
+
+    cls = getattr(transformers, name + "Pil", None) if compat.clip_image_processor_class().__name__.endswith("Pil") else None
+    cls = cls or getattr(transformers, name, None)
+    if cls is None:
+        pytest.skip(f"{name} does not exist in transformers {transformers.__version__}")
+    return cls()
+
+
+def _row_id(f: Family) -> str:
+    return f.cls
+
+
+_BATCHES: dict[str, dict] = {}
+
+
+def _build(f: Family, seed: int = 0):
+    cls = getattr(transformers, f.cls + "ForConditionalGeneration", None)
+    if cls is None:
+        pytest.skip(f"{f.cls}ForConditionalGeneration does not exist in transformers {transformers.__version__}")
+    torch.manual_seed(seed)
+    try:
+        cfg = f.config(transformers)
+    except (TypeError, ValueError, KeyError) as exc:  # pragma: no cover - a config this version cannot build
+        pytest.skip(f"{f.cls}: the tiny config does not build on transformers {transformers.__version__}: {exc}")
+    model = cls(cfg).eval()
+    with torch.no_grad():  # weights some families initialise to zero (Gemma 3's projector): the image must matter
+        for p in model.parameters():
+            if p.dim() >= 2 and not bool(p.any()):
+                p.normal_(0.0, 0.2)
+        for m in model.modules():  # Molmo2's LayerNorms start at weight 0 without a checkpoint
+            if isinstance(m, torch.nn.LayerNorm) and m.weight is not None and not bool(m.weight.any()):
+                m.weight.fill_(1.0)
+    _BATCHES[type(model).__name__] = _batch(f)
+    return model
+
+
+def _batch(f: Family, seed: int = 0, labels: bool = False) -> dict:
+    """Two prompts with one image each, the first left-padded, laid out as the family's
+    processor lays them out."""
+    image = [*f.before, *([f.image] * f.features), *f.after]
+    rows = [[1, 5, *image, 6, 7], [1, 8, 9, *image, 6, 7, 11]]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    batch = {"input_ids": ids, "attention_mask": (torch.arange(width) >= torch.tensor([[width - len(r)] for r in rows])).long()}
+    batch.update(f.pixels(2, seed))
+    if f.token_types:
+        batch[f.token_types] = (ids == f.image).long()
+    if labels:
+        lab = ids.clone()
+        lab[(batch["attention_mask"] == 0) | (ids == f.image)] = -100
+        batch["labels"] = lab
+    return batch
+
+
+def _decoder(model):
+    """The text decoder, through the model's own accessor (4.57 Idefics3/SmolVLM return
+    the whole model there, whose ``text_model`` is the decoder)."""
+    dec = model.get_decoder()
+    dec = getattr(dec, "text_model", None) or dec
+    return dec if hasattr(dec, "layers") else dec.model  # Llama 4: a ...ForCausalLM
+
+
+def _module(model, path: str):
+    obj = model
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _hooks(model) -> dict:
+    """Every module's hooks and instance ``forward`` (transformers installs its own
+    output-capturing hooks on first use: compared, not required absent)."""
+    def ours(hooks):  # transformers' own output-capturing hooks come and stay: not ours to check
+        return tuple(h for h in hooks.values() if not getattr(h, "__module__", "").startswith("transformers."))
+
+    return {name: (ours(m._forward_hooks), ours(m._forward_pre_hooks), m.__dict__.get("forward"))
+            for name, m in model.named_modules()}
+
+
+def _snapshot(model) -> tuple[dict, dict]:
+    with torch.no_grad():
+        model(**_BATCHES[type(model).__name__])  # transformers' own hooks installed before the snapshot
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, _hooks(model)
+
+
+def _assert_clean(model, before: tuple[dict, dict]) -> None:
+    """No hook or wrapper left behind, every tensor bit-identical."""
+    tensors, hooks = before
+    now = _hooks(model)
+    for name, value in hooks.items():
+        assert now[name] == value, f"{name}: a hook or forward wrapper was left behind"
+    after = model.state_dict()
+    assert set(after) == set(tensors)
+    for k, v in tensors.items():
+        assert torch.equal(after[k], v), k
+
+
+def _hand_steer(model, layer: int, vector: torch.Tensor, real: Callable[[torch.Tensor], torch.Tensor]):
+    """Subtract ``vector`` from decoder layer ``layer``'s output at the real positions (a
+    plain forward hook on the layer the model's own decoder holds)."""
+    def hook(module, args, output):
+        hidden = output if isinstance(output, torch.Tensor) else output[0]
+        mask = real(hidden).unsqueeze(-1).to(hidden.dtype)
+        new = hidden - mask * vector.to(hidden.dtype)
+        return new if isinstance(output, torch.Tensor) else (new, *output[1:])
+
+    return _decoder(model).layers[layer].register_forward_hook(hook)
+
+
+# -- the tests ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("f", FAMILIES, ids=_row_id)
+def test_layout_is_where_the_projector_output_lands(f: Family):
+    model = _build(f)
+    before = _snapshot(model)
+    adapter = get_adapter(model)
+    assert type(adapter) is f.adapter
+    assert adapter.projector is _module(model, f.projector)
+    assert adapter.decoder_layers is _decoder(model).layers
+    batch = _batch(f)
+    seen: dict[str, Any] = {"proj": []}
+
+    def pre(module, args, kwargs):
+        seen["x"] = kwargs["inputs_embeds"].detach().clone()
+
+    def proj(module, args, output):
+        out = output if isinstance(output, torch.Tensor) else output[0]
+        seen["proj"].append(out.detach().reshape(-1, out.shape[-1]).clone())
+
+    handles = [_decoder(model).register_forward_pre_hook(pre, with_kwargs=True),
+               _module(model, f.projector).register_forward_hook(proj)]
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    x = seen["x"]
+    with torch.no_grad():
+        emb = model.get_input_embeddings()(batch["input_ids"])
+    real = batch["attention_mask"].bool()
+    changed = (x - emb).abs().amax(-1) > 0
+    layout = adapter.layout(batch)
+    assert layout.image_mask.shape == x.shape[:2]
+    # the image mask is exactly where something else than the token embedding entered
+    assert torch.equal(changed & real, layout.image_mask), (changed.int(), layout.image_mask.int())
+    expected = batch["input_ids"] == f.image
+    for tok in f.extra_image:
+        expected |= batch["input_ids"] == tok
+    assert torch.equal(layout.image_mask, expected & real)
+    # and what entered there is the projector's output (Molmo2: added to the embedding)
+    landed = (x - emb)[layout.image_mask] if f.added else x[layout.image_mask]
+    rows = torch.cat(seen["proj"])
+    if f.newline:
+        rows = torch.cat([rows, _module(model, f.newline).detach().reshape(1, -1)])
+    dist = torch.cdist(landed.float(), rows.float()).min(dim=1).values
+    assert bool((dist < 1e-4).all()), dist
+    if not f.extra_image and not f.newline:  # one projector row per placeholder, in order
+        torch.testing.assert_close(landed, rows[: landed.shape[0]], rtol=1e-5, atol=1e-5)
+    _assert_clean(model, before)
+
+
+@pytest.mark.parametrize("f", FAMILIES, ids=_row_id)
+def test_text_only_and_reference_batches(f: Family):
+    model = _build(f)
+    adapter = get_adapter(model)
+    batch = _batch(f)
+    text = adapter.text_only_batch(batch)
+    dropped = {f.image, *f.before, *f.after, *f.extra_image}
+    for row in range(2):
+        ids = batch["input_ids"][row][batch["attention_mask"][row].bool()]
+        keep = torch.tensor([int(t) not in dropped for t in ids])
+        got = text["input_ids"][row][text["attention_mask"][row].bool()]
+        assert torch.equal(got, ids[keep])
+    assert not any(k in text for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes"))
+    if f.token_types:  # carried column by column: no image block is left
+        assert text[f.token_types].shape == text["input_ids"].shape and int(text[f.token_types].sum()) == 0
+    noise = adapter.blank_image_batch(batch, "noise", seed=1)
+    if isinstance(adapter, hf.HFIdefics3Adapter):  # an all-zero image is a padding image there
+        with pytest.raises(ValueError, match="padding image"):
+            adapter.blank_image_batch(batch, "blank")
+    if f.image_processor:  # through the family's own image processor: its values, the batch's layout
+        proc = _image_processor(f.image_processor)
+        grey = adapter.blank_image_batch(batch, "blank", image_processor=proc, fill=128)["pixel_values"]
+        assert grey.shape == batch["pixel_values"].shape
+        from PIL import Image
+
+        made = torch.as_tensor(proc(images=Image.new("RGB", (56, 56), (128, 128, 128)), return_tensors="pt")["pixel_values"])
+        # a constant image (one value per channel), the values the processor made of it
+        assert set(grey.unique().tolist()) <= set(made.unique().tolist()) and grey.unique().numel() <= 3
+    blank = adapter.blank_image_batch(batch, "blank", image_processor=_image_processor(f.image_processor)
+                                      if isinstance(adapter, hf.HFIdefics3Adapter) else None)
+    with torch.no_grad():
+        out_text = model(**text).logits
+        a, b, c = (model(**x).logits for x in (batch, blank, noise))
+    assert out_text.shape[:2] == text["input_ids"].shape
+    assert not torch.allclose(a, b) and not torch.allclose(b, c)
+    if not isinstance(adapter, hf.HFIdefics3Adapter):
+        assert torch.equal(blank["pixel_values"], torch.zeros_like(batch["pixel_values"]))
+
+
+def _last(attention: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda hidden: attention.bool()[:, -hidden.shape[1]:] if hidden.shape[1] <= attention.shape[1] else \
+        torch.ones(hidden.shape[:2], dtype=torch.bool)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("f", FAMILIES, ids=_row_id)
+def test_cmrm_calibration_steering_and_folding(f: Family):
+    model = _build(f)
+    before = _snapshot(model)
+    adapter = get_adapter(model)
+    batch = _batch(f)
+    layer = adapter.num_layers - 2  # not the last: its output_hidden_states entry is after the final norm
+    text = adapter.text_only_batch(batch)
+    # calibration: the library's shift at the last prompt token equals output_hidden_states'
+    with torch.no_grad():
+        lib = measure_states(adapter, model, batch, [layer], "last")[0] - measure_states(adapter, model, text, [layer], "last")[0]
+        hand = model(**batch, output_hidden_states=True).hidden_states[layer + 1][:, -1] - \
+            model(**text, output_hidden_states=True).hidden_states[layer + 1][:, -1]
+    torch.testing.assert_close(lib, hand.float(), rtol=1e-4, atol=1e-5)
+    # steering with a vector large enough to change every tiny model's answer
+    vector = torch.randn(adapter.hidden_size, generator=torch.Generator().manual_seed(1))
+
+    gen = dict(max_new_tokens=3, do_sample=False, use_cache=True, output_scores=True, return_dict_in_generate=True,
+               pad_token_id=0)
+
+    def generate(**extra):
+        with torch.no_grad():
+            out = model.generate(**batch, **gen, **extra)
+        return out.sequences, torch.stack(out.scores)
+
+    plain_seq, plain_scores = generate()
+    # dataset level, all real positions of prompt and answer, in generate with the KV cache
+    with cmrm_steer(model, {layer: vector}, alpha=1.0, positions="all", apply_to="both"):
+        seq, scores = generate()
+    attention = {"mask": batch["attention_mask"]}
+
+    def real(hidden):  # the prompt's real positions at prefill, the new token afterwards
+        if hidden.shape[1] == batch["input_ids"].shape[1]:
+            return batch["attention_mask"].bool()
+        return torch.ones(hidden.shape[:2], dtype=torch.bool)
+
+    handle = _hand_steer(model, layer, vector, real)
+    try:
+        hand_seq, hand_scores = generate()
+    finally:
+        handle.remove()
+    assert torch.equal(seq, hand_seq)
+    torch.testing.assert_close(scores, hand_scores, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(scores, plain_scores)
+    del attention
+    # sample level (independent composition, one layer): this input's own shift with the
+    # blank reference image, measured on the unsteered model
+    proc = _image_processor(f.image_processor) if f.image_processor else None
+    ref = adapter.blank_image_batch(batch, "blank", image_processor=proc)
+    with torch.no_grad():
+        own = model(**ref, output_hidden_states=True).hidden_states[layer + 1][:, -1] - \
+            model(**text, output_hidden_states=True).hidden_states[layer + 1][:, -1]
+    with cmrm_steer(model, None, variant="sample", reference="blank", layers=[layer], alpha=1.0, positions="all",
+                    apply_to="both", composition="independent", processor=SimpleNamespace(image_processor=proc)):
+        s_seq, s_scores = generate()
+    handle = _hand_steer_rows(model, layer, own, real)
+    try:
+        h_seq, h_scores = generate()
+    finally:
+        handle.remove()
+    assert torch.equal(s_seq, h_seq)
+    torch.testing.assert_close(s_scores, h_scores, rtol=1e-4, atol=1e-4)
+    _assert_clean(model, before)
+    # folding into the MLP output bias equals hooked steering where the MLP output is
+    # added to the residual stream as it is; refused by name where it is not
+    if f.folds:
+        with torch.no_grad(), cmrm_steer(model, {layer: vector}, alpha=1.0, positions="all", apply_to="both"):
+            hooked = model(**batch).logits
+        fold_into_weights(model, {layer: vector}, alpha=1.0)
+        with torch.no_grad():
+            folded = model(**batch).logits
+        real_rows = batch["attention_mask"].bool()
+        torch.testing.assert_close(folded[real_rows], hooked[real_rows], rtol=1e-4, atol=1e-4)
+    else:
+        with pytest.raises(Exception, match="fold"):
+            fold_into_weights(model, {layer: vector}, alpha=1.0)
+
+
+def _hand_steer_rows(model, layer: int, vectors: torch.Tensor, real):
+    """As :func:`_hand_steer` with one vector per batch row."""
+    def hook(module, args, output):
+        hidden = output if isinstance(output, torch.Tensor) else output[0]
+        mask = real(hidden).unsqueeze(-1).to(hidden.dtype)
+        new = hidden - mask * vectors[:, None, :].to(hidden.dtype)
+        return new if isinstance(output, torch.Tensor) else (new, *output[1:])
+
+    return _decoder(model).layers[layer].register_forward_hook(hook)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("f", FAMILIES, ids=_row_id)
+def test_tga_capture_and_comparative_ablations(f: Family):
+    model = _build(f)
+    adapter = get_adapter(model)
+    batch = _batch(f, labels=True)
+    layer = adapter.num_layers - 1
+    if isinstance(adapter, hf.HFQwen3VLAdapter):  # deepstack layers are refused for image states
+        with pytest.raises(LayerError, match="deepstack"):
+            ForwardCapture(adapter, adapter.layout(batch), [0])
+    # TGA: the projector output and the pooled image states, with gradients to the projector
+    params = adapter.set_trainable("projector")
+    assert params
+    model.train()
+    hooked = []
+    h = adapter.projector.register_forward_hook(lambda m, a, o: hooked.append(o if isinstance(o, torch.Tensor) else o[0]))
+    cap = ForwardCapture(adapter, adapter.layout(batch), [layer], projector=True).start()
+    try:
+        model(**batch)
+    finally:
+        cap.stop()
+        h.remove()
+    proj = cap.projector_output
+    assert proj is hooked[0] and proj.requires_grad
+    pooled = cap.pooled("image", layer)
+    state = cap.states(layer)
+    mask = adapter.layout(batch).image_mask
+    hand = (state * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+    torch.testing.assert_close(pooled, hand)
+    pooled.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    # the comparative loss: drop on the MLPs and crop of the image tokens
+    site = "mlp" if hasattr(adapter.decoder_layers[0], "mlp") else "layers"  # Llama 4: feed_forward
+    for overrides in ([f"comparative.drop_site={site}", "comparative.dropout=0.3"],
+                      ["comparative.ablation=crop", "comparative.crop_parts=[image]", "comparative.crop_share=0.5"]):
+        rt = Runtime(load_recipe("comparative", overrides), model=model)
+        result = rt.training_step(model, dict(batch), step=0, max_steps=1)
+        losses = [result.context.metrics[f"comparative/loss_{i}"] for i in range(3)]
+        # the second ablated model removes more than the first (with one image token per
+        # image, the first crops nothing of it)
+        assert losses[2] != losses[0] and (len(set(losses)) == 3 or f.features == 1), (overrides, losses)
+        result.terms["comparative/loss"].backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+        model.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def test_mllama_is_refused_by_name():
+    """Cross-attention models have no image positions in the decoder's sequence."""
+    cls = getattr(transformers, "MllamaForConditionalGeneration", None)
+    if cls is None:
+        pytest.skip("MllamaForConditionalGeneration does not exist in this transformers")
+    text = dict(TEXT, model_type="mllama_text_model", cross_attention_layers=[1], rope_theta=10000)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_global_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14, max_num_tiles=1, vision_output_dim=32, intermediate_layers_indices=[0],
+                  supported_aspect_ratios=[[1, 1]])
+    try:
+        model = cls(transformers.MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMG))
+    except (TypeError, ValueError) as exc:  # pragma: no cover - 4.57's config wants other fields
+        pytest.skip(f"tiny Mllama config does not build here: {exc}")
+    with pytest.raises(UnsupportedModelError, match="MllamaForConditionalGeneration is not supported: .*cross-attention"):
+        get_adapter(model)
+    with pytest.raises(UnsupportedModelError, match="cross-attention"):
+        cmrm_apply(model, {0: torch.zeros(32)})
