@@ -601,3 +601,73 @@ def test_one_pass_calibration_of_a_llava_package_model_equals_a_pass_per_layer()
     for layer in (0, 1, 2):
         torch.testing.assert_close(got[layer], want[layer], rtol=1e-5, atol=1e-6)
         assert want[layer].norm() > 0
+
+
+# -- sample level, reference none: two forwards per prefill -----------------------------------
+
+
+def test_sample_level_reference_none_reads_its_shift_from_the_prefill(tiny_llava, tiny_llava_processor):
+    from lvlm_safety_plugins.capture import HiddenCapture
+    from lvlm_safety_plugins.steering import after_image_mask
+
+    batch = tiny_llava_batch(tiny_llava_processor)  # two prompts, left padded
+    adapter = get_adapter(tiny_llava)
+    layers, alpha = [0, 2, 3], 0.8
+    layout = adapter.layout(batch)
+    steered = layout.attention_mask & after_image_mask(layout.image_mask)  # from_image
+    # by hand: the text-only prompt's last-token states, then a forward of the input that
+    # at each steered layer measures its own (already steered) last-token state against
+    # them and subtracts alpha times that shift at the steered positions
+    text_only = adapter.text_only_batch(batch)
+    with torch.no_grad(), HiddenCapture(adapter, layers, {"m": adapter.layout(text_only).attention_mask}, "last") as cap:
+        tiny_llava(**text_only)
+    text = {l: cap.pooled["m"][l] for l in layers}
+    shifts, handles = {}, []
+    last = layout.last_index()
+
+    def hook(module, args, output, layer):
+        h = output if isinstance(output, torch.Tensor) else output[0]
+        shift = h[torch.arange(h.shape[0]), last] - text[layer]
+        shifts[layer] = shift
+        h = h - alpha * shift.unsqueeze(1) * steered.unsqueeze(-1).to(h.dtype)
+        return h if isinstance(output, torch.Tensor) else (h, *output[1:])
+
+    for layer in layers:
+        handles.append(adapter.decoder_layers[layer].register_forward_hook(lambda m, a, o, layer=layer: hook(m, a, o, layer),
+                                                                           prepend=True))
+    try:
+        with torch.no_grad():
+            want = tiny_llava(**batch).logits
+    finally:
+        for h in handles:
+            h.remove()
+    calls = []
+    counter = adapter.decoder_layers[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with torch.no_grad(), steer(tiny_llava, None, variant="sample", reference="none", layers=layers, alpha=alpha):
+            got = tiny_llava(**batch).logits
+    finally:
+        counter.remove()
+    assert len(calls) == 2  # the text-only prompt and the prefill itself: no separate reference forward
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # generate: the prefill's shifts are subtracted at every decode step of the call
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+
+    def fixed(module, args, output, layer):
+        h = output if isinstance(output, torch.Tensor) else output[0]
+        where = steered if h.shape[1] > 1 else torch.ones(h.shape[:2], dtype=torch.bool)
+        h = h - alpha * shifts[layer].unsqueeze(1) * where.unsqueeze(-1).to(h.dtype)
+        return h if isinstance(output, torch.Tensor) else (h, *output[1:])
+
+    handles = [adapter.decoder_layers[l].register_forward_hook(lambda m, a, o, l=l: fixed(m, a, o, l), prepend=True) for l in layers]
+    try:
+        with torch.no_grad():
+            by_hand = tiny_llava.generate(**batch, **gen)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad(), steer(tiny_llava, None, variant="sample", reference="none", layers=layers, alpha=alpha):
+        sample = tiny_llava.generate(**batch, **gen)
+    assert torch.equal(sample.sequences, by_hand.sequences)
+    for a, b in zip(sample.scores, by_hand.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
