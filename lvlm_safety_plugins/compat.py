@@ -53,6 +53,33 @@ vision-language families (issue 30)     decoder through ``get_decoder()``/``lang
                                         (:data:`IMAGE_TOKEN_KEYS` & co., read from 4.57/5.25);
                                         Qwen3-VL deepstack (:func:`deepstack_layer_count`)
 ======================================  =====================================================
+
+Calling a decoder layer again, outside the model's ``forward`` (CMRM's one-pass
+sequential calibration, :func:`record_layer_call` / :func:`call_layer`): the layer is
+called with exactly the arguments the model's own ``forward`` gave it, recorded by a
+forward pre-hook, so nothing the model builds (masks, position ids, rotary embeddings)
+is rebuilt here. What differs:
+
+======================================  =====================================================
+hidden states argument                  positional everywhere tested (4.37-5.25); a
+                                        ``hidden_states=`` keyword is accepted too
+attention mask a layer gets             4.37-4.3x: a 4D float ``[B, 1, L, L]`` mask (or
+                                        ``None`` with SDPA and no padding); 5.x: whatever
+                                        the mask interface built (tensor, ``None``,
+                                        ``BlockMask``); passed back unchanged
+rotary embeddings                       4.37: computed inside each attention from
+                                        ``position_ids``; from about 4.45 (Qwen2-VL's
+                                        M-RoPE too) and in 5.x a ``position_embeddings``
+                                        ``(cos, sin)`` pair computed once per forward
+per-layer attention types               5.x models with ``config.layer_types`` that mix
+                                        kinds (sliding and full attention) give each layer
+                                        its own mask: not callable from one recording
+                                        (:func:`layer_call_obstacle` says so)
+KV cache while calibrating              ``use_cache=False``: ``past_key_value(s)=None``
+                                        (4.x ``past_key_value``, 5.x ``past_key_values``)
+output                                  a tuple up to 4.53, a tensor from 4.54
+                                        (:func:`layer_hidden`)
+======================================  =====================================================
 """
 
 from __future__ import annotations
@@ -475,7 +502,94 @@ def processor_has_chat_template_api(processor: Any) -> bool:
     return hasattr(processor, "apply_chat_template")
 
 
+# -- calling a decoder layer again (CMRM one-pass sequential calibration) ---------------------
+# Kept apart from the other blocks: see the second table of the module docstring.
+
+
+class LayerCall:
+    """The arguments a model's ``forward`` called one decoder layer with, less the
+    hidden states: ``args`` (positional, after the hidden states) and ``kwargs``."""
+
+    __slots__ = ("args", "kwargs", "hidden_keyword")
+
+    def __init__(self, args: tuple, kwargs: dict[str, Any], hidden_keyword: bool) -> None:
+        self.args, self.kwargs, self.hidden_keyword = args, kwargs, hidden_keyword
+
+    def map_tensors(self, fn: Any) -> "LayerCall":
+        """A copy with ``fn`` applied to every tensor inside (tuples, lists and dicts
+        followed; other objects kept as they are)."""
+        return LayerCall(_map_tensors(self.args, fn), _map_tensors(self.kwargs, fn), self.hidden_keyword)
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors inside (what storing the call costs)."""
+        total = [0]
+
+        def count(t: torch.Tensor) -> torch.Tensor:
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        self.map_tensors(count)
+        return total[0]
+
+
+def _map_tensors(value: Any, fn: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(_map_tensors(v, fn) for v in value)
+    if isinstance(value, list):
+        return [_map_tensors(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+@contextlib.contextmanager
+def record_layer_call(layer: torch.nn.Module) -> Iterator[list[LayerCall]]:
+    """Inside the block, every call of ``layer`` appends its :class:`LayerCall` to the
+    list yielded (a forward pre-hook with keyword arguments, removed on exit)."""
+    calls: list[LayerCall] = []
+
+    def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            calls.append(LayerCall(tuple(args[1:]), dict(kwargs), False))
+        elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            calls.append(LayerCall(tuple(args), {k: v for k, v in kwargs.items() if k != "hidden_states"}, True))
+        else:
+            raise UnsupportedModelError(f"{type(module).__name__} was called without its hidden states as the first "
+                                        "argument or the hidden_states keyword: it cannot be called again")
+
+    handle = layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def call_layer(layer: torch.nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
+    """``layer``'s output hidden states for input ``hidden`` under a recorded call (its
+    hooks and any steering installed on it run as in a forward)."""
+    if call.hidden_keyword:
+        return layer_hidden(layer(*call.args, hidden_states=hidden, **call.kwargs))
+    return layer_hidden(layer(hidden, *call.args, **call.kwargs))
+
+
+def layer_call_obstacle(text_config: Any) -> str | None:
+    """Why one recorded :class:`LayerCall` cannot serve every decoder layer of a model
+    with this (text) configuration, or ``None`` when it can: 5.x models whose
+    ``layer_types`` mix attention kinds give each kind its own mask."""
+    kinds = getattr(text_config, "layer_types", None)
+    if isinstance(kinds, (list, tuple)) and len(set(map(str, kinds))) > 1:
+        return (f"its decoder layers use different attention kinds ({', '.join(sorted(set(map(str, kinds))))}), each "
+                "called with its own mask")
+    return None
+
+
 __all__ = [
+    "LayerCall",
+    "call_layer",
+    "layer_call_obstacle",
+    "record_layer_call",
     "enable_checkpointing",
     "non_reentrant_checkpointing",
     "reentrant_checkpointing",

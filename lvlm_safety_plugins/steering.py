@@ -123,6 +123,29 @@ def after_image_mask(image_mask: torch.Tensor) -> torch.Tensor:
     return column >= first
 
 
+def prompt_mask(layout: SequenceLayout, positions: frozenset[str], generated: torch.Tensor | None = None) -> torch.Tensor:
+    """The bool ``[batch, length]`` positions a prompt (prefill) forward with ``layout``
+    steers for the resolved ``positions`` (:func:`resolve_positions`); ``generated``
+    marks decoder positions that hold generated tokens (a cache-less re-run), steered
+    only with ``"generated"``. Never padding."""
+    wanted = positions & {"image", "text"}
+    if generated is None:
+        generated = torch.zeros_like(layout.attention_mask)
+    if wanted == {"image", "text"}:
+        mask = layout.attention_mask & ~generated
+    elif wanted == {"image"}:
+        mask = layout.image_mask
+    elif wanted == {"text"}:
+        mask = layout.text_mask & ~generated
+    else:
+        mask = torch.zeros_like(layout.attention_mask)
+    if "generated" in positions:
+        mask = mask | generated
+    if "after_image" in positions:
+        mask = mask & after_image_mask(layout.image_mask)
+    return mask
+
+
 @dataclass
 class SteeringStep:
     """What an edit knows about the forward call it is steering.
@@ -417,19 +440,7 @@ class SteeringHandle:
             column = layout.token_index if layout.token_index is not None else \
                 torch.arange(layout.length, device=generated.device).expand_as(generated)
             generated = (column >= ids.shape[1] - tail) & layout.attention_mask
-        if wanted == {"image", "text"}:
-            mask = layout.attention_mask & ~generated
-        elif wanted == {"image"}:
-            mask = layout.image_mask
-        elif wanted == {"text"}:
-            mask = layout.text_mask & ~generated
-        else:
-            mask = torch.zeros_like(layout.attention_mask)
-        if "generated" in self.positions:
-            mask = mask | generated
-        if narrowed:
-            mask = mask & after_image_mask(layout.image_mask)
-        return mask, layout
+        return prompt_mask(layout, self.positions, generated), layout
 
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._acting():
@@ -731,6 +742,7 @@ __all__ = [
     "add_vectors",
     "after_image_mask",
     "apply",
+    "prompt_mask",
     "resolve_positions",
     "steer",
     "unsteered",

@@ -427,3 +427,247 @@ def test_in_memory_fold_matches_and_refuses_to_be_saved(tiny_llava, tiny_llava_p
     torch.testing.assert_close(got[real], hooked[real], rtol=0, atol=1e-5)
     with pytest.raises(Exception, match="savable=False"):
         check_savable(fast)
+
+
+# -- sequential calibration in one pass ---------------------------------------------------
+
+
+def per_layer_reference(model, batches, layers, alpha, positions, measure_at="last"):
+    """Sequential vectors the way they are defined, written here: the text-only mean
+    at every layer, then for each layer in order one reference-image forward over every
+    batch, steered (through the public ``steer``) by the vectors found so far at
+    ``positions`` (prompt only), its pooled mean minus the text-only mean."""
+    from lvlm_safety_plugins.capture import HiddenCapture
+
+    adapter = get_adapter(model)
+
+    def pooled_mean(inputs_list, at):
+        total, n = {l: torch.zeros(adapter.hidden_size, dtype=torch.float64) for l in at}, 0
+        for inputs in inputs_list:
+            layout = adapter.layout(inputs)
+            mask = layout.attention_mask if measure_at == "last" else layout.text_mask
+            with torch.no_grad(), HiddenCapture(adapter, at, {"m": mask}, measure_at, detach=True) as cap:
+                model(**inputs, use_cache=False)
+            for l in at:
+                total[l] += cap.pooled["m"][l].double().sum(0)
+            n += int(mask.shape[0])
+        return {l: total[l] / n for l in at}
+
+    text = pooled_mean([t for _, t in batches], layers)
+    vectors = {}
+    for layer in layers:
+        if vectors:
+            handle = apply(model, dict(vectors), alpha=[alpha] * len(vectors), layers=sorted(vectors), positions=positions,
+                           apply_to="prompt")
+        else:
+            handle = None
+        try:
+            image = pooled_mean([w for w, _ in batches], [layer])
+        finally:
+            if handle is not None:
+                handle.remove()
+        vectors[layer] = (image[layer] - text[layer]).float()
+    return vectors
+
+
+def hf_batches(model, processor, data, batch_size, side):
+    adapter = get_adapter(model)
+    processor.tokenizer.padding_side = side
+    out = []
+    for start in range(0, len(data), batch_size):
+        chunk = data[start:start + batch_size]
+        enc = dict(processor(text=[r["prompt"] for r in chunk], images=[r["image"] for r in chunk], return_tensors="pt",
+                             padding=True))
+        out.append((adapter.blank_image_batch(enc, "blank", image_processor=processor.image_processor), adapter.text_only_batch(enc)))
+    return out
+
+
+@pytest.mark.parametrize("side,positions,store,measure_at", [("left", "from_image", "cpu", "last"),
+                                                             ("right", "all", "disk", "mean"),
+                                                             ("left", "image", "device", "last")])
+def test_one_pass_sequential_vectors_equal_one_steered_pass_per_layer(tiny_llava, tiny_llava_processor, side, positions,
+                                                                      store, measure_at):
+    data = rows(5)
+    cfg = type("C", (), {"batch_size": 2, "alpha": 0.7, "positions": positions, "apply_to": "both",
+                         "calibration_store": store, "measure_at": measure_at})()
+    tiny_llava_processor.tokenizer.padding_side = side
+    try:
+        got = calibrate(tiny_llava, tiny_llava_processor, data, cfg, layers=[0, 2, 3], progress=False)
+        want = per_layer_reference(tiny_llava, hf_batches(tiny_llava, tiny_llava_processor, data, 2, side), [0, 2, 3], 0.7,
+                                   positions, measure_at)
+    finally:
+        tiny_llava_processor.tokenizer.padding_side = "left"
+    assert got.extra["calibration"] == "one pass" and got.samples == 5
+    for layer in (0, 2, 3):
+        torch.testing.assert_close(got.vectors[layer], want[layer], rtol=1e-5, atol=1e-6)
+    # the earlier layers' edits matter: unsteered (independent) vectors differ at layer 3
+    independent = calibrate(tiny_llava, tiny_llava_processor, data, type("C", (), {"batch_size": 2, "composition": "independent",
+                                                                                   "measure_at": measure_at})(),
+                            layers=[0, 2, 3], progress=False)
+    assert not torch.allclose(independent.vectors[3], got.vectors[3], atol=1e-6)
+
+
+def test_disk_store_is_removed_also_after_an_error(tmp_path, tiny_llava, tiny_llava_processor):
+    from lvlm_safety_plugins.methods.cmrm.calibration import sequential_vectors
+
+    batches = hf_batches(tiny_llava, tiny_llava_processor, rows(4), 2, "left")
+    folder = tmp_path / "store"
+    folder.mkdir()
+    seen = []
+
+    def failing():
+        yield batches[0]
+        seen.extend(folder.iterdir())  # the first batch's states are on disk by now
+        raise RuntimeError("data went away")
+
+    with pytest.raises(RuntimeError, match="data went away"):
+        sequential_vectors(tiny_llava, failing(), [1, 2], {1: 1.0, 2: 1.0}, frozenset({"image", "text"}), store="disk",
+                           store_folder=folder)
+    assert len(seen) == 1 and seen[0].name.startswith("cmrm-calibration-")
+    assert list(folder.iterdir()) == []
+    vectors, n = sequential_vectors(tiny_llava, batches, [1, 2], {1: 1.0, 2: 1.0}, frozenset({"image", "text"}), store="disk",
+                                    store_folder=folder)
+    assert n == 4 and sorted(vectors) == [1, 2] and list(folder.iterdir()) == []
+
+
+def test_a_model_whose_layers_need_their_own_masks_falls_back_to_a_pass_per_layer(tiny_llava, tiny_llava_processor):
+    model = copy.deepcopy(tiny_llava)
+    get_adapter(model).text_config.layer_types = ["full_attention", "sliding_attention"] * 2  # what 5.x mixed models carry
+    cfg = type("C", (), {"batch_size": 2, "alpha": 0.5})()
+    with pytest.warns(RuntimeWarning, match="cannot be calibrated in one pass.*different attention kinds"):
+        got = calibrate(model, tiny_llava_processor, rows(3), cfg, layers=[1, 3], progress=False)
+    assert got.extra["calibration"].startswith("one reference pass per layer: ")
+    one_pass = calibrate(tiny_llava, tiny_llava_processor, rows(3), cfg, layers=[1, 3], progress=False)
+    for layer in (1, 3):
+        torch.testing.assert_close(got.vectors[layer], one_pass.vectors[layer], rtol=1e-5, atol=1e-6)
+
+
+def test_one_pass_calibration_of_qwen2vl_equals_a_pass_per_layer():
+    transformers = pytest.importorskip("transformers")
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("the tiny Qwen2-VL config here needs transformers 5")
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from lvlm_safety_plugins.methods.cmrm.calibration import sequential_vectors
+
+    torch.manual_seed(0)
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}),
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, in_channels=3),
+        image_token_id=60, vision_start_token_id=61, vision_end_token_id=62, bos_token_id=2, eos_token_id=3,
+    )
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    adapter = get_adapter(model)
+    ids = torch.tensor([[0, 0, 5, 61, 60, 60, 62, 7], [5, 9, 61, 60, 60, 62, 7, 8]])  # left padded, images at two places
+    g = torch.Generator().manual_seed(1)
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long(), "pixel_values": torch.randn(16, 3 * 2 * 14 * 14, generator=g),
+             "image_grid_thw": torch.tensor([[1, 2, 4], [1, 2, 4]]), "mm_token_type_ids": (ids == 60).long()}
+    batches = [(adapter.blank_image_batch(batch, "noise", seed=3), adapter.text_only_batch(batch))]
+    got, n = sequential_vectors(model, batches, [0, 1, 2], {0: 0.6, 1: 0.6, 2: 0.6}, frozenset({"image", "text", "after_image"}))
+    want = per_layer_reference(model, batches, [0, 1, 2], 0.6, "from_image")
+    assert n == 2
+    for layer in (0, 1, 2):
+        torch.testing.assert_close(got[layer], want[layer], rtol=1e-5, atol=1e-6)
+
+
+def test_one_pass_calibration_of_a_llava_package_model_equals_a_pass_per_layer():
+    pytest.importorskip("llava.model", reason="needs the LLaVA framework (llava-torch)")
+    from llava.constants import IMAGE_TOKEN_INDEX
+
+    from lvlm_safety_plugins.methods.cmrm.calibration import sequential_vectors
+    from lvlm_safety_plugins.testing import IMAGE_SIZE, build_tiny_llava_package_model
+
+    model = build_tiny_llava_package_model(mm_use_im_patch_token=False, mm_use_im_start_end=False).float().eval()
+    adapter = get_adapter(model)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for lengths in ((3, 5), (4, 2)):
+        # right padded (LLaVA's training side), the image token at a different place per row
+        width = 4 + max(lengths)  # padded to the longest row, as a tokenizer pads
+        ids = torch.zeros(2, width, dtype=torch.long)
+        mask = torch.zeros(2, width, dtype=torch.long)
+        for r, before in enumerate(lengths):
+            row = [1] + [7 + r] * before + [IMAGE_TOKEN_INDEX] + [9, 10]
+            ids[r, :len(row)] = torch.tensor(row)
+            mask[r, :len(row)] = 1
+        batch = {"input_ids": ids, "attention_mask": mask, "images": torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)}
+        batches.append((batch, adapter.text_only_batch(batch)))  # reference none: the row's own image
+    got, n = sequential_vectors(model, batches, [0, 1, 2], {0: 1.0, 1: 1.0, 2: 1.0}, frozenset({"image", "text", "after_image"}),
+                                store="cpu")
+    want = per_layer_reference(model, batches, [0, 1, 2], 1.0, "from_image")
+    assert n == 4
+    for layer in (0, 1, 2):
+        torch.testing.assert_close(got[layer], want[layer], rtol=1e-5, atol=1e-6)
+        assert want[layer].norm() > 0
+
+
+# -- sample level, reference none: two forwards per prefill -----------------------------------
+
+
+def test_sample_level_reference_none_reads_its_shift_from_the_prefill(tiny_llava, tiny_llava_processor):
+    from lvlm_safety_plugins.capture import HiddenCapture
+    from lvlm_safety_plugins.steering import after_image_mask
+
+    batch = tiny_llava_batch(tiny_llava_processor)  # two prompts, left padded
+    adapter = get_adapter(tiny_llava)
+    layers, alpha = [0, 2, 3], 0.8
+    layout = adapter.layout(batch)
+    steered = layout.attention_mask & after_image_mask(layout.image_mask)  # from_image
+    # by hand: the text-only prompt's last-token states, then a forward of the input that
+    # at each steered layer measures its own (already steered) last-token state against
+    # them and subtracts alpha times that shift at the steered positions
+    text_only = adapter.text_only_batch(batch)
+    with torch.no_grad(), HiddenCapture(adapter, layers, {"m": adapter.layout(text_only).attention_mask}, "last") as cap:
+        tiny_llava(**text_only)
+    text = {l: cap.pooled["m"][l] for l in layers}
+    shifts, handles = {}, []
+    last = layout.last_index()
+
+    def hook(module, args, output, layer):
+        h = output if isinstance(output, torch.Tensor) else output[0]
+        shift = h[torch.arange(h.shape[0]), last] - text[layer]
+        shifts[layer] = shift
+        h = h - alpha * shift.unsqueeze(1) * steered.unsqueeze(-1).to(h.dtype)
+        return h if isinstance(output, torch.Tensor) else (h, *output[1:])
+
+    for layer in layers:
+        handles.append(adapter.decoder_layers[layer].register_forward_hook(lambda m, a, o, layer=layer: hook(m, a, o, layer),
+                                                                           prepend=True))
+    try:
+        with torch.no_grad():
+            want = tiny_llava(**batch).logits
+    finally:
+        for h in handles:
+            h.remove()
+    calls = []
+    counter = adapter.decoder_layers[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with torch.no_grad(), steer(tiny_llava, None, variant="sample", reference="none", layers=layers, alpha=alpha):
+            got = tiny_llava(**batch).logits
+    finally:
+        counter.remove()
+    assert len(calls) == 2  # the text-only prompt and the prefill itself: no separate reference forward
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # generate: the prefill's shifts are subtracted at every decode step of the call
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+
+    def fixed(module, args, output, layer):
+        h = output if isinstance(output, torch.Tensor) else output[0]
+        where = steered if h.shape[1] > 1 else torch.ones(h.shape[:2], dtype=torch.bool)
+        h = h - alpha * shifts[layer].unsqueeze(1) * where.unsqueeze(-1).to(h.dtype)
+        return h if isinstance(output, torch.Tensor) else (h, *output[1:])
+
+    handles = [adapter.decoder_layers[l].register_forward_hook(lambda m, a, o, l=l: fixed(m, a, o, l), prepend=True) for l in layers]
+    try:
+        with torch.no_grad():
+            by_hand = tiny_llava.generate(**batch, **gen)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad(), steer(tiny_llava, None, variant="sample", reference="none", layers=layers, alpha=alpha):
+        sample = tiny_llava.generate(**batch, **gen)
+    assert torch.equal(sample.sequences, by_hand.sequences)
+    for a, b in zip(sample.scores, by_hand.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

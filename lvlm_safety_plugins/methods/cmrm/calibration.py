@@ -12,24 +12,37 @@ sums and the sample count are
 accumulated in float64 (:class:`ShiftAccumulator`, so several processes can add theirs
 up), then divided. Batched, left or right padding (positions come from the model
 adapter's layout), a progress bar, the model's training flag restored afterwards.
+
+Sequential calibration runs in one sweep of the decoder (:func:`sequential_vectors`):
+each batch's reference-image states are kept at the current layer (with the arguments
+its decoder layers were called with), layer ``l``'s mean shift is measured over every
+batch, that layer's edit is applied to the kept states, and the next layers are called
+on them. Where a model's layers cannot be called again so, the earlier algorithm (one
+reference pass per steered layer) runs instead, with the reason in a warning and in the
+vector file (``x-calibration``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
+import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from ... import compat
 from ...adapters import get_adapter
-from ...capture import HiddenCapture
+from ...capture import HiddenCapture, pool, truncated_decoder
 from ...errors import DataError
 from ...loading import DataFileError, open_image, read_records
 from ...progress import progress_bar
-from ...steering import steer, vector_edit
+from ...steering import prompt_mask, steer, unsteered, vector_edit
 from .config import alpha_by_layer
 from .vectorfile import SteeringVectors, model_fingerprint, weights_sample
 
@@ -135,6 +148,225 @@ def measure_states(adapter: Any, model: torch.nn.Module, inputs: Mapping[str, An
     return cap.stacked("m").float()
 
 
+#: where :func:`sequential_vectors` keeps the states between layers (``cmrm.calibration_store``)
+STORES = ("auto", "device", "cpu", "disk")
+#: ``auto`` keeps states on the accelerator while they take at most this share of its
+#: free memory (measured at the start), then in CPU memory while they take at most this
+#: share of the available memory, then on disk
+AUTO_SHARE = 0.5
+
+
+def _available_cpu_memory() -> int:
+    """Bytes of CPU memory available to this process (``psutil`` where installed)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil is present wherever the tests run
+        try:
+            return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return 0
+
+
+class StateStore:
+    """Per-batch tensors (a batch's hidden states ``[B, L, H]`` at the current layer
+    and the arguments its decoder layers are called with) kept on the model's
+    ``device``, in CPU memory or in a memory-mapped file of a temporary folder
+    (``disk``; the arguments then stay in CPU memory). ``auto`` picks per batch by
+    size (:data:`AUTO_SHARE`). :meth:`close` (also via ``with``) removes the folder,
+    also after an error."""
+
+    def __init__(self, where: str, device: torch.device, *, folder: str | Path | None = None) -> None:
+        if where not in STORES:
+            raise DataError(f"cmrm.calibration_store must be one of {', '.join(STORES)}, got {where!r}")
+        self.where, self.device, self.parent = where, torch.device(device), folder
+        self._hidden: list[torch.Tensor] = []
+        self._calls: list[compat.LayerCall] = []
+        self._tiers: list[str] = []
+        self._dir: str | None = None
+        self.bytes = {"device": 0, "cpu": 0, "disk": 0}
+        on_device = self.device.type != "cpu"
+        self._budget = {
+            "device": int(AUTO_SHARE * torch.cuda.mem_get_info(self.device)[0]) if on_device and self.device.type == "cuda" else 0,
+            "cpu": int(AUTO_SHARE * _available_cpu_memory()),
+        }
+
+    def _tier(self, nbytes: int) -> str:
+        if self.where != "auto":
+            return "cpu" if self.where == "device" and self.device.type == "cpu" else self.where
+        if self.device.type == "cpu":
+            return "cpu" if self.bytes["cpu"] + nbytes <= self._budget["cpu"] else "disk"
+        for tier in ("device", "cpu"):
+            if self.bytes[tier] + nbytes <= self._budget[tier]:
+                return tier
+        return "disk"
+
+    def put(self, hidden: torch.Tensor, call: compat.LayerCall) -> None:
+        nbytes = hidden.numel() * hidden.element_size()
+        tier = self._tier(nbytes + call.nbytes())
+        if tier == "disk":
+            if self._dir is None:
+                self._dir = tempfile.mkdtemp(prefix="cmrm-calibration-", dir=self.parent)
+            path = os.path.join(self._dir, f"{len(self._hidden)}.bin")
+            kept = torch.from_file(path, shared=True, size=hidden.numel(), dtype=hidden.dtype).view(hidden.shape)
+            kept.copy_(hidden)
+            self.bytes["disk"] += nbytes
+            call = call.map_tensors(lambda t: t.cpu())
+            self.bytes["cpu"] += call.nbytes()
+        elif tier == "cpu":
+            kept = hidden.to("cpu", copy=hidden.device.type == "cpu")
+            call = call.map_tensors(lambda t: t.cpu())
+            self.bytes["cpu"] += nbytes + call.nbytes()
+        else:
+            kept = hidden
+            self.bytes["device"] += nbytes + call.nbytes()
+        self._hidden.append(kept)
+        self._calls.append(call)
+        self._tiers.append(tier)
+
+    def __len__(self) -> int:
+        return len(self._hidden)
+
+    def get(self, i: int) -> tuple[torch.Tensor, compat.LayerCall]:
+        """Batch ``i``'s states and layer call, on the model's device."""
+        call = self._calls[i]
+        if self._tiers[i] != "device" and self.device.type != "cpu":
+            call = call.map_tensors(lambda t: t.to(self.device))
+        return self._hidden[i].to(self.device), call
+
+    def set(self, i: int, hidden: torch.Tensor) -> None:
+        """Replace batch ``i``'s states (same shape and dtype)."""
+        if self._tiers[i] == "device":
+            self._hidden[i] = hidden
+        else:
+            self._hidden[i].copy_(hidden)
+
+    def close(self) -> None:
+        self._hidden, self._calls = [], []
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self) -> "StateStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class OnePassUnavailable(Exception):
+    """This model's decoder layers cannot be called again from a recording (the
+    message says why); :func:`calibrate` then runs one reference pass per layer."""
+
+
+def _reference_states(adapter: Any, model: torch.nn.Module, inputs: Mapping[str, Any],
+                      first: int) -> tuple[torch.Tensor, compat.LayerCall]:
+    """The output of decoder layer ``first`` for ``inputs`` (the forward stops there)
+    and the arguments the model called that layer with."""
+    layer = adapter.decoder_layers[first]
+    out: list[torch.Tensor] = []
+    hook = layer.register_forward_hook(lambda module, args, output: out.append(compat.layer_hidden(output)))
+    try:
+        with compat.record_layer_call(layer) as calls, truncated_decoder(adapter, first):
+            model(**inputs, use_cache=False)
+    except compat.UnsupportedModelError as exc:
+        raise OnePassUnavailable(str(exc)) from None
+    finally:
+        hook.remove()
+    if len(calls) != 1 or len(out) != 1:
+        raise OnePassUnavailable(f"decoder layer {first} ran {len(calls)} times in one forward")
+    return out[0], calls[0]
+
+
+def _steer_states(hidden: torch.Tensor, mask: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``hidden + delta`` at the True positions of ``mask``, as the steering primitive
+    adds an edit (the same arithmetic, so the states match a steered forward)."""
+    if not bool(mask.any()):
+        return hidden
+    delta = delta.to(hidden.device, hidden.dtype)
+    if bool(mask.all()):
+        return hidden + delta
+    return hidden + delta * mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
+
+
+def sequential_vectors(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[Mapping[str, Any], Mapping[str, Any]]],
+    layers: Sequence[int],
+    alpha: Mapping[int, float],
+    positions: frozenset[str],
+    *,
+    measure_at: str = "last",
+    store: str = "auto",
+    store_folder: str | Path | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[dict[int, torch.Tensor], int]:
+    """Sequential CMRM vectors in one sweep of the decoder; returns ``({layer:
+    vector}, samples)``.
+
+    ``batches`` yields ``(reference-image inputs, text-only inputs)``. Each batch's
+    text-only forward runs once (to the deepest layer, pooled on the fly) and its
+    reference forward once, stopped after the first of ``layers``; its states there
+    are kept (``store``: :class:`StateStore`) with the arguments that layer was called
+    with. Then for each layer in order: the kept states are advanced through the
+    decoder layers up to it (called again with those arguments), their pooled mean
+    over every batch (float64, summed over processes under torch.distributed) minus
+    the text-only mean is the layer's vector, and ``alpha_l`` times it is subtracted
+    at ``positions`` (prompt kinds, :func:`~lvlm_safety_plugins.steering.prompt_mask`)
+    before the next layer. The vectors equal those of one reference pass per layer,
+    steered by the vectors found so far. Raises :class:`OnePassUnavailable` when the
+    model's layers cannot be called again (see
+    :func:`~lvlm_safety_plugins.compat.layer_call_obstacle`)."""
+    from ...distributed import is_distributed
+
+    adapter = get_adapter(model)
+    chosen = list(layers)
+    obstacle = compat.layer_call_obstacle(adapter.text_config)
+    if obstacle:
+        raise OnePassUnavailable(f"{type(model).__name__}: {obstacle}")
+    device = next(model.parameters()).device
+    decoder = adapter.decoder_layers
+    text = ShiftAccumulator(chosen, adapter.hidden_size)
+    tick = progress or (lambda n: None)
+    measure: list[torch.Tensor] = []
+    steered: list[torch.Tensor] = []
+    vectors: dict[int, torch.Tensor] = {}
+    with StateStore(store, device, folder=store_folder) as kept, unsteered():
+        for with_image, text_only in batches:
+            text.add(measure_states(adapter, model, text_only, chosen, measure_at))
+            hidden, call = _reference_states(adapter, model, with_image, chosen[0])
+            layout = adapter.layout(with_image)
+            measure.append(measure_mask(layout, measure_at))
+            steered.append(prompt_mask(layout, positions))
+            kept.put(hidden, call)
+            tick(1)
+        if is_distributed():
+            text.reduce()
+        text_means = text.means() if text.count else {}
+        done, delta = chosen[0], None
+        for layer in chosen:
+            image = ShiftAccumulator([layer], adapter.hidden_size)
+            for i in range(len(kept)):
+                hidden, call = kept.get(i)
+                if delta is not None:  # the previous steered layer's edit, as steering adds it
+                    hidden = _steer_states(hidden, steered[i], delta)
+                for k in range(done + 1, layer + 1):
+                    hidden = compat.call_layer(decoder[k], hidden, call)
+                image.add(pool(hidden, measure[i].to(hidden.device), measure_at).float().unsqueeze(0))
+                if layer != chosen[-1]:
+                    kept.set(i, hidden)
+                tick(1)
+            done = layer
+            if is_distributed():
+                image.reduce()
+            if not image.count:
+                break
+            vectors[layer] = image.means()[layer] - text_means[layer]
+            delta = -alpha[layer] * vectors[layer]
+    return vectors, text.count
+
+
 @torch.no_grad()
 def calibrate(
     model: torch.nn.Module,
@@ -152,18 +384,21 @@ def calibrate(
 
     ``config`` is the ``cmrm`` recipe section (or anything with the same attributes:
     ``reference``, ``measure_at``, ``batch_size``, ``noise_seed``, ``blank_fill``,
-    ``composition``, ``alpha``, ``positions``, ``apply_to``); ``layers`` defaults to
-    every layer. Prompts without ``<image>`` get it prepended. ``prompt_template``: a
-    template with ``{prompt}`` (checked first), or a
+    ``composition``, ``alpha``, ``positions``, ``apply_to``, ``calibration_store``);
+    ``layers`` defaults to every layer. Prompts without ``<image>`` get it prepended.
+    ``prompt_template``: a template with ``{prompt}`` (checked first), or a
     :class:`~lvlm_safety_plugins.prompts.PromptFormat` (what the commands pass: the
     processor's chat template by default); its name is recorded in the vector file.
 
-    ``composition: sequential`` (the default): the text-only states are measured once;
-    then, for each steered layer in order, the reference-image forward runs with the
-    layers before it steered by the vectors found so far (at their ``alpha``, at the
-    prompt positions the recipe steers) and stops after that layer. So the vectors are
-    exact for that alpha: at alpha 1 the mean steered state at every steered layer is
-    the mean text-only state. ``independent``: one unsteered forward of each kind.
+    ``composition: sequential`` (the default): layer ``l``'s vector is the mean shift
+    at ``l`` with the layers before it steered by the vectors found so far (at their
+    ``alpha``, at the prompt positions the recipe steers), so the vectors are exact for
+    that alpha: at alpha 1 the mean steered state at every steered layer is the mean
+    text-only state. It runs in one sweep of the decoder (:func:`sequential_vectors`:
+    one text-only and one reference forward per sample, the reference states kept
+    between layers in ``calibration_store``); a model whose layers cannot be called
+    again gets one reference pass per layer instead (a warning says why).
+    ``independent``: one unsteered forward of each kind.
     """
     from ...prompts import FORMAT_KEY, check_template
     from .steer import prompt_kinds, steered_positions
@@ -205,46 +440,39 @@ def calibrate(
         return measure_states(adapter, model, inputs, at, measure_at)
 
     sequential = composition == "sequential" and len(chosen) > 1 and bool(kinds)
+    store = str(_option(config, "calibration_store", "auto"))
+    if store not in STORES:
+        raise DataError(f"cmrm.calibration_store must be one of {', '.join(STORES)}, got {store!r}")
+    how = "one pass" if sequential else ""
     passes = 1 + (len(chosen) if sequential else 0)
     bar = progress_bar(total=len(starts) * passes, desc=f"CMRM calibration ({composition})", enabled=progress and me == 0)
-    text = ShiftAccumulator(chosen, adapter.hidden_size)
     shift = ShiftAccumulator(chosen, adapter.hidden_size)
+    count = 0
     was_training = model.training
     model.eval()
     try:
-        for with_image, text_only in batches():
-            if sequential:
-                text.add(pooled(text_only, chosen))
-            else:
-                shift.add(pooled(with_image, chosen) - pooled(text_only, chosen))
-            bar.update()
-        if is_distributed():
-            (text if sequential else shift).reduce()
         if not sequential:
+            for with_image, text_only in batches():
+                shift.add(pooled(with_image, chosen) - pooled(text_only, chosen))
+                bar.update()
+            if is_distributed():
+                shift.reduce()
             vectors = shift.means() if shift.count else {}
+            count = shift.count
         else:
-            text_means = text.means() if text.count else {}
-            vectors = {}
-            for layer in chosen:
-                image = ShiftAccumulator([layer], adapter.hidden_size)
-                done = dict(vectors)
-                with contextlib.ExitStack() as stack:
-                    if done:
-                        edit = vector_edit(done, {l: -alpha[l] for l in done})
-                        stack.enter_context(steer(model, edit, layers=sorted(done), positions=kinds, adapter=adapter,
-                                                  name="CMRM calibration"))
-                    for with_image, _ in batches():
-                        image.add(pooled(with_image, [layer]))
-                        bar.update()
-                if is_distributed():
-                    image.reduce()
-                if not image.count:
-                    break
-                vectors[layer] = image.means()[layer] - text_means[layer]
+            try:
+                vectors, count = sequential_vectors(model, batches(), chosen, alpha, kinds, measure_at=measure_at,
+                                                    store=store, progress=bar.update)
+            except OnePassUnavailable as exc:
+                how = f"one reference pass per layer: {exc}"
+                warnings.warn(f"CMRM calibration: {type(model).__name__} cannot be calibrated in one pass ({exc}); "
+                              f"running one reference pass per steered layer ({len(chosen)} passes)", RuntimeWarning,
+                              stacklevel=2)
+                bar.reset(total=len(starts) * passes)
+                vectors, count = _per_layer_vectors(model, adapter, batches, chosen, alpha, kinds, pooled, bar.update)
     finally:
         bar.close()
         model.train(was_training)
-    count = shift.count if not sequential else text.count
     if count == 0:
         where = str(dataset) if isinstance(dataset, (str, Path)) else f"the calibration data ({type(dataset).__name__})"
         raise DataFileError(f"{where}: the calibration data has no rows")
@@ -257,8 +485,44 @@ def calibrate(
         positions=sorted(kinds) if composition == "sequential" else None,
         extra={"prompt_template": json.dumps(getattr(prompt_template, "template", prompt_template)),
                **({FORMAT_KEY: prompt_template.name} if callable(prompt_template) else
-                  {FORMAT_KEY: f"template {prompt_template!r}"} if prompt_template else {})},
+                  {FORMAT_KEY: f"template {prompt_template!r}"} if prompt_template else {}),
+               **({"calibration": how} if how else {})},
     )
+
+
+def _per_layer_vectors(model: torch.nn.Module, adapter: Any, batches: Callable[[], Iterable[tuple[Any, Any]]],
+                       chosen: Sequence[int], alpha: Mapping[int, float], kinds: frozenset[str],
+                       pooled: Callable[[Mapping[str, Any], Sequence[int]], torch.Tensor],
+                       tick: Callable[[int], Any]) -> tuple[dict[int, torch.Tensor], int]:
+    """Sequential vectors with one reference pass per steered layer (each stopped after
+    its layer, steered by the vectors found so far): the fallback of
+    :func:`sequential_vectors`, about ``1 + K/2`` forwards per sample for ``K`` layers."""
+    from ...distributed import is_distributed
+
+    text = ShiftAccumulator(list(chosen), adapter.hidden_size)
+    for _, text_only in batches():
+        text.add(pooled(text_only, chosen))
+        tick(1)
+    if is_distributed():
+        text.reduce()
+    text_means = text.means() if text.count else {}
+    vectors: dict[int, torch.Tensor] = {}
+    for layer in chosen:
+        image = ShiftAccumulator([layer], adapter.hidden_size)
+        with contextlib.ExitStack() as stack:
+            if vectors:
+                edit = vector_edit(dict(vectors), {l: -alpha[l] for l in vectors})
+                stack.enter_context(steer(model, edit, layers=sorted(vectors), positions=kinds, adapter=adapter,
+                                          name="CMRM calibration"))
+            for with_image, _ in batches():
+                image.add(pooled(with_image, [layer]))
+                tick(1)
+        if is_distributed():
+            image.reduce()
+        if not image.count:
+            break
+        vectors[layer] = image.means()[layer] - text_means[layer]
+    return vectors, text.count
 
 
 def save_vectors(vectors: SteeringVectors, path: str | Path) -> Path:
@@ -273,4 +537,4 @@ def save_vectors(vectors: SteeringVectors, path: str | Path) -> Path:
     return target
 
 
-__all__ = ["ShiftAccumulator", "calibrate", "iter_calibration_rows", "measure_mask", "measure_states", "save_vectors"]
+__all__ = ["STORES", "OnePassUnavailable", "ShiftAccumulator", "StateStore", "calibrate", "sequential_vectors", "iter_calibration_rows", "measure_mask", "measure_states", "save_vectors"]

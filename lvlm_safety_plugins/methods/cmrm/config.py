@@ -73,6 +73,15 @@ class Composition(enum.Enum):
     independent = "independent"  # every layer's shift is measured on the unsteered model (compounds)
 
 
+class CalibrationStore(enum.Enum):
+    """Where sequential calibration keeps each batch's states between layers."""
+
+    auto = "auto"  # by size: the accelerator, then CPU memory, then disk (docs/cmrm.md)
+    device = "device"  # the model's device
+    cpu = "cpu"  # CPU memory
+    disk = "disk"  # a memory-mapped file in a temporary folder, removed afterwards
+
+
 class Phase(enum.Enum):
     prompt = "prompt"  # the prefill forward
     generated = "generated"  # the decode steps of generate
@@ -122,6 +131,8 @@ class CMRMConfig:
     blank_fill: int = 0
     #: calibration batch size
     batch_size: int = 8
+    #: where sequential calibration keeps the states between layers
+    calibration_store: CalibrationStore = CalibrationStore.auto
     #: refuse vector files whose model fingerprint differs (False: warn)
     strict: bool = True
 

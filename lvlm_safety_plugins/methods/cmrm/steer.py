@@ -10,9 +10,12 @@ adapter's layout, is context-local by default and removes every hook exactly.
 
 The dataset variant subtracts calibrated vectors. The sample variant measures each
 input's own shift at prefill, with two extra forwards (the prompt text-only on the
-unsteered model, and the prompt with the reference image, or its own image for
-``reference="none"``, with ``composition="sequential"`` steered by its own shift as it
-is measured layer by layer), and keeps it for every decode step of that call.
+unsteered model, and the prompt with the reference image, with
+``composition="sequential"`` steered by its own shift as it is measured layer by
+layer), and keeps it for every decode step of that call. With ``reference="none"`` and
+``sequential`` the reference forward *is* the prefill (the same input, steered the same
+way up to each layer), so the shift at each layer is read from the prefill's own states
+as it runs: one extra forward (text-only) per prefill.
 
 **Threads.** Steering is *context-local*: it acts only in the thread (or asyncio task,
 or ``contextvars`` context) that applied it, so two threads can generate with the same
@@ -125,6 +128,14 @@ class _SampleShift:
             with_image = self.adapter.blank_image_batch(batch, self.reference, seed=self.noise_seed,
                                                         image_processor=image_processor, fill=self.blank_fill)
         text_only = self.adapter.text_only_batch(batch)
+        if self.reference == "none" and self.sequential and step.layout is not None and step.any:
+            # two forwards per prefill: the text-only prompt here, and the prefill itself,
+            # whose states at each steered layer are the reference forward's (the same
+            # input, steered the same way so far): edit() reads the shift from them
+            with unsteered(), torch.no_grad():
+                step.memory["cmrm_text"] = self._pooled(text_only)
+            step.memory["cmrm_shift"] = {}
+            return
         with unsteered(), torch.no_grad():
             text = self._pooled(text_only)
             if self.sequential:
@@ -135,7 +146,14 @@ class _SampleShift:
         step.memory["cmrm_shift"] = shifts
 
     def edit(self, layer: int, hidden: torch.Tensor, step: SteeringStep) -> torch.Tensor:
-        shift = step.memory["cmrm_shift"][layer]
+        shifts = step.memory["cmrm_shift"]
+        shift = shifts.get(layer)
+        if shift is None:  # reference none: measured in this prefill, on its own steered states
+            text = step.memory.get("cmrm_text")
+            if text is None or step.layout is None:
+                raise LVLMSafetyError(f"CMRM sample level: no shift for layer {layer} (the prompt forward did not reach it)")
+            pooled = pool(hidden.detach().float(), measure_mask(step.layout, self.measure_at), self.measure_at)
+            shift = shifts[layer] = pooled - text[self.layers.index(layer)]
         return (-self.alpha[layer] * shift).to(hidden.device, hidden.dtype).unsqueeze(1)
 
 
