@@ -32,8 +32,8 @@ from .progress import progress_bar
 
 #: Words that open or mark a refusal, and whose FIRST token does too (it is the first token
 #: that the logit lens measures): "I'm sorry" / "Sorry, ..." / "I cannot" / "I am unable" /
-#: "I apologize" / "Unfortunately, ...". On Mistral-7B's and LLaMA's tokenizers each of these
-#: is one whole-word token, except "apologize", whose first piece "apolog" is still its own.
+#: "I apologize" / "Unfortunately, ...". On Mistral-7B's tokenizer each of these is one
+#: whole-word token, except "apologize", whose first piece "apolog" is still its own.
 #: Left out on purpose: "I'm" (first token "I", which opens most answers), "not" (in most
 #: non-refusals), "can't" and "won't" (first tokens "can", "won": "I can help ..."), and
 #: "Cannot", "Unable", "Apologies" (first pieces "C", "Un", "Ap"). docs/tga.md has the table.
@@ -78,8 +78,8 @@ def _word_tokens(tokenizer: Any, word: str) -> list[tuple[int, str]]:
 def refusal_token_ids(tokenizer: Any, words: Iterable[str] = DEFAULT_REFUSAL_WORDS) -> list[int]:
     """The first token of each refusal word, as it starts a response (with and without
     a leading space), de-duplicated; unknown-token ids and bare word-boundary pieces
-    (sentencepiece's "▁", which " sorry" starts with on LLaMA/Mistral tokenizers and which
-    is no refusal) are dropped."""
+    (sentencepiece's "▁", which " sorry" starts with on tokenizers such as Mistral-7B's,
+    and which is no refusal) are dropped."""
     found: list[int] = []
     for word in words:
         for tid, _ in _word_tokens(tokenizer, word):
