@@ -380,6 +380,7 @@ def evaluate(
     skip_missing_images: bool = False,
     text_variants: bool = True,
     also_judges: Sequence[Any] = (),
+    image_check: Any = None,
 ) -> dict[str, Any]:
     """Run every benchmark under every run, judge, and write the reports to ``out``.
 
@@ -392,7 +393,9 @@ def evaluate(
     rate beside the rate with the image. ``also_judges``: more judges (names,
     ``(name, options)`` pairs or judge objects) that score the same harmful answers;
     the report gives each one's unsafe rates and, for every pair of judges, Cohen's
-    kappa and the items they disagree on (``judge_agreement``).
+    kappa and the items they disagree on (``judge_agreement``). ``image_check``: an
+    image classifier (e.g. :class:`~.image_check.ShieldGemma2Check`) run on every
+    distinct image of the benchmarks (``results["image_check"]``).
 
     ``judge``: a registered judge name (with ``judge_options``) or a judge object; it
     decides unsafe vs safe on harmful items. Benign items are judged for refusal by
@@ -517,6 +520,10 @@ def evaluate(
     results["text_safety"] = text_safety(results)
     if compared is not None:
         results["judges_compared"] = compared
+    if image_check is not None:
+        from .image_check import check_images
+
+        results["image_check"] = check_images(image_check, {b: examples[b] for b in examples if b not in text_of})
     write_reports(results, out_dir, plot=plot)
     if sharded:
         barrier()

@@ -135,6 +135,13 @@ def markdown(results: dict[str, Any]) -> str:
                               ", ".join(f"{d['run']}/{d['benchmark']}/{d['id']}" for d in p["disagreements"][:10])
                               + (f", ... ({p['disagreements_total'] - 10} more)" if p["disagreements_total"] > 10 else "")
                               or "none"] for p in compared["pairs"]]))
+    check = results.get("image_check")
+    if check and check.get("per_benchmark"):
+        policies = list(next(iter(check["per_benchmark"].values()))["policies"])
+        lines += ["", f"## Image check: {check.get('name')} (share of images at or above P(violates) = {check.get('threshold')})", ""]
+        lines.append(_table(["benchmark", "images", *policies, "any policy"],
+                            [[b, str(v["images"]), *[format_rate(v["policies"][p]) for p in policies], format_rate(v["any"])]
+                             for b, v in check["per_benchmark"].items()]))
     suite = results.get("suite")
     if suite:
         lines += ["", f"## Suite {suite['name']}: the paper's figures beside the measured ones", "", suite["description"], ""]
