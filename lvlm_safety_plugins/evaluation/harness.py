@@ -66,7 +66,7 @@ class BenchmarkSpec:
         if not sep or not head.strip() or not path.strip():
             raise LVLMSafetyError(f"--benchmark {text!r}: expected [TITLE@]NAME:PATH or NAME,key=value:PATH")
         title, at, rest = head.partition("@")
-        if not at:
+        if not at or "," in title or "=" in title:  # an "@" inside an option value is no title
             title, rest = "", head
         elif not title.strip() or not rest.strip():
             raise LVLMSafetyError(f"--benchmark {text!r}: expected TITLE@NAME[,key=value...]:PATH")
