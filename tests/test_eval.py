@@ -1124,7 +1124,7 @@ def test_llava_backend_generates_like_llava_itself(tmp_path, capsys):
 
     out = tmp_path / "out"
     args = _parser().parse_args(["eval", "--backend", "llava", "--model", str(folder), "--benchmark", f"jsonl:{file}",
-                                 "--recipe", "cmrm@cmrm_llava15_sample cmrm.alpha=2.0", "--limit", "2", "--out", str(out),
+                                 "--recipe", "cmrm@cmrm_llava15_sample cmrm.alpha=2.0", "--limit", "2", "--limit-mode", "first", "--out", str(out),
                                  "--max-new-tokens", "3", "--no-progress", "--no-plot"])
     assert args.func(args) == 0
     assert "generated 4 answers" in capsys.readouterr().out
