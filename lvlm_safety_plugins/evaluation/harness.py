@@ -444,13 +444,22 @@ def evaluate(
                                              skip_missing_images=skip_missing_images, skipped=skipped[b.display])
     text_of: dict[str, str] = {}  # text-only benchmark -> the benchmark it is the text variant of
     text_specs: list[BenchmarkSpec] = []
+    text_missing: list[str] = []  # text variants that could not be loaded (the run goes on without them)
     if text_variants and any(r.recipe is None for r in runs):
         for b in benchmarks:
             text_spec = text_variant(b, pm)
             if text_spec is None or text_spec.display in examples:
                 continue
             ids = {e.id for e in examples[b.display]}
-            examples[text_spec.display] = [e for e in load_benchmark(text_spec, None, pm) if e.id in ids]
+            try:
+                text_items = [e for e in load_benchmark(text_spec, None, pm) if e.id in ids]
+            except DataFileError as exc:
+                text_missing.append(f"{b.display}: no text-only variant ({exc})")
+                continue
+            if not text_items:
+                text_missing.append(f"{b.display}: the text-only variant has none of these ids")
+                continue
+            examples[text_spec.display] = text_items
             text_of[text_spec.display] = b.display
             text_specs.append(text_spec)
     generator = generator or HFGenerator(model, processor, settings, model_id=model_id)
@@ -518,6 +527,8 @@ def evaluate(
         "results": summarize(examples, runs, verdicts, text_of),
     }
     results["text_safety"] = text_safety(results)
+    if text_missing:
+        results["text_variant_errors"] = text_missing
     if compared is not None:
         results["judges_compared"] = compared
     if image_check is not None:

@@ -156,6 +156,8 @@ def markdown(results: dict[str, Any]) -> str:
             if items:
                 lines += ["", f"{title}:", "", *[f"- {item}" for item in items]]
     text_rows = results.get("text_safety") or []
+    for note in results.get("text_variant_errors") or []:
+        lines += ["", f"Text only: {note}"]
     if text_rows:
         lines += ["", "## Text only vs with the image (runs without a recipe)", "",
                   "The same harmful requests as plain text show the LLM's own text safety, which image-side "
