@@ -222,3 +222,11 @@ def test_new_benchmarks_run_through_lvlm_safety_eval(tmp_path, tiny_llava, tiny_
     assert set(res["mssbench"]["safety"]["per_category"]) == {"physical harm", "property damage"}
     assert "| mssbench | over-refusal rate | 3 |" in printed and "| msts [text only] | unsafe rate (ASR) | 3 |" in printed
     assert results["cache"]["generated"] == 3 + 2 + 2 + 6 + 3 + 3
+    # a text-only variant that is missing does not stop the run: the report says so
+    (msts.parent / "english_textonly.csv").unlink()
+    args = parser.parse_args(["eval", "--model", str(model_dir), "--out", str(tmp_path / "out2"), "--max-new-tokens", "2",
+                              "--no-progress", "--no-plot", "--benchmark", f"msts:{msts}"])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "Text only: msts: no text-only variant (" in printed and "english_textonly.csv: file not found" in printed
+    assert [b["label"] for b in load_results(tmp_path / "out2")["benchmarks"]] == ["msts"]

@@ -369,6 +369,8 @@ def test_label_option_reaches_the_loader_and_titles_name_benchmarks(tmp_path):
 def test_option_values_may_contain_commas(tmp_path):
     spec = BenchmarkSpec.parse("mm_safetybench,scenarios=01,02,variant=SD:/x")
     assert spec.options == {"scenarios": "01,02", "variant": "SD"}
+    spec = BenchmarkSpec.parse("figstep,image_dir=/data/imgs@v2:/x")  # an "@" in a value names nothing
+    assert (spec.display, spec.options) == ("figstep[image_dir=/data/imgs@v2]", {"image_dir": "/data/imgs@v2"})
     root = write_mm_safetybench(tmp_path / "MM-SafetyBench")
     assert len(load_benchmark(BenchmarkSpec.parse(f"mm_safetybench,scenarios=01,02,variant=SD:{root}"))) == 3
     vlguard = write_vlguard(tmp_path / "VLGuard")
@@ -1122,7 +1124,7 @@ def test_llava_backend_generates_like_llava_itself(tmp_path, capsys):
 
     out = tmp_path / "out"
     args = _parser().parse_args(["eval", "--backend", "llava", "--model", str(folder), "--benchmark", f"jsonl:{file}",
-                                 "--recipe", "cmrm@cmrm_llava15_sample cmrm.alpha=2.0", "--limit", "2", "--out", str(out),
+                                 "--recipe", "cmrm@cmrm_llava15_sample cmrm.alpha=2.0", "--limit", "2", "--limit-mode", "first", "--out", str(out),
                                  "--max-new-tokens", "3", "--no-progress", "--no-plot"])
     assert args.func(args) == 0
     assert "generated 4 answers" in capsys.readouterr().out

@@ -16,7 +16,7 @@ from lvlm_safety_plugins.evaluation.agreement import cohen_kappa, judge_agreemen
 from lvlm_safety_plugins.evaluation.cli import add_eval_command
 from lvlm_safety_plugins.evaluation.generate import GenerationSettings
 from lvlm_safety_plugins.evaluation.judges import DEFAULT_JUDGE_TEMPLATE, JudgeError, LlamaGuard3Judge
-from lvlm_safety_plugins.testing import TINY_WORDS, make_image, tiny_tokenizer
+from lvlm_safety_plugins.testing import TINY_WORDS, tiny_tokenizer
 
 #: a small chat template in the shape of Llama Guard 3's: the conversation inside a
 #: policy prompt, ending where the model writes its verdict

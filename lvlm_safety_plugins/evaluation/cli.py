@@ -45,6 +45,22 @@ def _judge_spec(text: str) -> tuple[str, dict[str, str]]:
     return parts[0], _options(parts[1:], f"--also-judge {parts[0]}")
 
 
+def _image_check(name: str | None, options: dict[str, str]) -> Any:
+    if name is None:
+        if options:
+            raise LVLMSafetyError("--image-check-option needs --image-check NAME")
+        return None
+    from .image_check import BUILTIN_IMAGE_CHECKS
+    from .judges import JudgeError
+
+    if name not in BUILTIN_IMAGE_CHECKS:
+        raise LVLMSafetyError(f"--image-check {name!r}: unknown (available: {', '.join(sorted(BUILTIN_IMAGE_CHECKS))})")
+    try:
+        return BUILTIN_IMAGE_CHECKS[name](**options)
+    except TypeError as exc:
+        raise JudgeError(f"--image-check {name}: {exc}") from None
+
+
 def _print_registry() -> None:
     from ..registry import benchmarks, judges
 
@@ -146,6 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         name=args.name or Path(args.model).name, limit=args.limit, progress=not args.no_progress, plot=not args.no_plot,
         limit_mode=args.limit_mode, seed=args.seed, skip_missing_images=args.skip_missing_images,
         text_variants=not args.no_text_variants, also_judges=[_judge_spec(text) for text in args.also_judge or []],
+        image_check=_image_check(args.image_check, _options(args.image_check_option, "--image-check-option")),
     )
     if results is None:  # a non-main process of a sharded run: the main process reports
         return 0
@@ -220,6 +237,10 @@ def add_eval_command(sub: Any) -> None:
     p.add_argument("--also-judge", action="append", metavar="'NAME [key=value ...]'",
                    help="one more judge on the harmful answers (repeatable): the report gives its unsafe rates and, for "
                         "every pair of judges, Cohen's kappa and the items they disagree on")
+    p.add_argument("--image-check", choices=["shieldgemma2"],
+                   help="also run an image safety classifier on every benchmark image (ShieldGemma 2; "
+                        "--image-check-option model=PATH): the share of images flagged per policy")
+    p.add_argument("--image-check-option", action="append", metavar="key=value", help="option for --image-check (repeatable)")
     p.add_argument("--refusal-judge", help="judge for refusals on benign sets (default: the judge if it can, else refusal)")
     p.add_argument("--limit", type=int, help="at most N examples of each benchmark, sampled evenly across its categories "
                                              "(seeded; --limit-mode first: the first N)")

@@ -66,7 +66,7 @@ class BenchmarkSpec:
         if not sep or not head.strip() or not path.strip():
             raise LVLMSafetyError(f"--benchmark {text!r}: expected [TITLE@]NAME:PATH or NAME,key=value:PATH")
         title, at, rest = head.partition("@")
-        if not at:
+        if not at or "," in title or "=" in title:  # an "@" inside an option value is no title
             title, rest = "", head
         elif not title.strip() or not rest.strip():
             raise LVLMSafetyError(f"--benchmark {text!r}: expected TITLE@NAME[,key=value...]:PATH")
@@ -499,6 +499,7 @@ def evaluate(
     skip_missing_images: bool = False,
     text_variants: bool = True,
     also_judges: Sequence[Any] = (),
+    image_check: Any = None,
 ) -> dict[str, Any]:
     """Run every benchmark under every run, judge, and write the reports to ``out``.
 
@@ -511,7 +512,9 @@ def evaluate(
     rate beside the rate with the image. ``also_judges``: more judges (names,
     ``(name, options)`` pairs or judge objects) that score the same harmful answers;
     the report gives each one's unsafe rates and, for every pair of judges, Cohen's
-    kappa and the items they disagree on (``judge_agreement``).
+    kappa and the items they disagree on (``judge_agreement``). ``image_check``: an
+    image classifier (e.g. :class:`~.image_check.ShieldGemma2Check`) run on every
+    distinct image of the benchmarks (``results["image_check"]``).
 
     ``judge``: a registered judge name (with ``judge_options``) or a judge object; it
     decides unsafe vs safe on harmful items. Benign items are judged for refusal by
@@ -561,13 +564,22 @@ def evaluate(
                                              skip_missing_images=skip_missing_images, skipped=skipped[b.display])
     text_of: dict[str, str] = {}  # text-only benchmark -> the benchmark it is the text variant of
     text_specs: list[BenchmarkSpec] = []
+    text_missing: list[str] = []  # text variants that could not be loaded (the run goes on without them)
     if text_variants and any(r.recipe is None for r in runs):
         for b in benchmarks:
             text_spec = text_variant(b, pm)
             if text_spec is None or text_spec.display in examples:
                 continue
             ids = {e.id for e in examples[b.display]}
-            examples[text_spec.display] = [e for e in load_benchmark(text_spec, None, pm) if e.id in ids]
+            try:
+                text_items = [e for e in load_benchmark(text_spec, None, pm) if e.id in ids]
+            except DataFileError as exc:
+                text_missing.append(f"{b.display}: no text-only variant ({exc})")
+                continue
+            if not text_items:
+                text_missing.append(f"{b.display}: the text-only variant has none of these ids")
+                continue
+            examples[text_spec.display] = text_items
             text_of[text_spec.display] = b.display
             text_specs.append(text_spec)
     generator = generator or HFGenerator(model, processor, settings, model_id=model_id)
@@ -637,8 +649,14 @@ def evaluate(
         "results": summarize(examples, runs, verdicts, text_of),
     }
     results["text_safety"] = text_safety(results)
+    if text_missing:
+        results["text_variant_errors"] = text_missing
     if compared is not None:
         results["judges_compared"] = compared
+    if image_check is not None:
+        from .image_check import check_images
+
+        results["image_check"] = check_images(image_check, {b: examples[b] for b in examples if b not in text_of})
     write_reports(results, out_dir, plot=plot)
     if sharded:
         barrier()

@@ -135,6 +135,13 @@ def markdown(results: dict[str, Any]) -> str:
                               ", ".join(f"{d['run']}/{d['benchmark']}/{d['id']}" for d in p["disagreements"][:10])
                               + (f", ... ({p['disagreements_total'] - 10} more)" if p["disagreements_total"] > 10 else "")
                               or "none"] for p in compared["pairs"]]))
+    check = results.get("image_check")
+    if check and check.get("per_benchmark"):
+        policies = list(next(iter(check["per_benchmark"].values()))["policies"])
+        lines += ["", f"## Image check: {check.get('name')} (share of images at or above P(violates) = {check.get('threshold')})", ""]
+        lines.append(_table(["benchmark", "images", *policies, "any policy"],
+                            [[b, str(v["images"]), *[format_rate(v["policies"][p]) for p in policies], format_rate(v["any"])]
+                             for b, v in check["per_benchmark"].items()]))
     suite = results.get("suite")
     if suite:
         lines += ["", f"## Suite {suite['name']}: the paper's figures beside the measured ones", "", suite["description"], ""]
@@ -149,6 +156,8 @@ def markdown(results: dict[str, Any]) -> str:
             if items:
                 lines += ["", f"{title}:", "", *[f"- {item}" for item in items]]
     text_rows = results.get("text_safety") or []
+    for note in results.get("text_variant_errors") or []:
+        lines += ["", f"Text only: {note}"]
     if text_rows:
         lines += ["", "## Text only vs with the image (runs without a recipe)", "",
                   "The same harmful requests as plain text show the LLM's own text safety, which image-side "
