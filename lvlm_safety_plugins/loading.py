@@ -36,7 +36,11 @@ def load_model_and_processor(path: str | Path, device: str = "cpu", dtype: Any =
     kwargs = {"local_files_only": True}
     kwargs.update(dtype_kwargs(dtype))
     model = cls.from_pretrained(folder, **kwargs).to(device).eval()
-    return model, load_processor(folder)
+    processor = load_processor(folder)
+    from .adapters.hf import record_image_markers
+
+    record_image_markers(model, processor)  # image markers only the processor names (Idefics3, SmolVLM, Llama 4)
+    return model, processor
 
 
 def load_processor(path: str | Path) -> Any:

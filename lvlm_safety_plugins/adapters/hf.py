@@ -280,6 +280,39 @@ def constant_pixels(pixels: torch.Tensor, image_processor: Any, fill: int) -> to
                     f"batch's {tuple(pixels.shape)} as channels-first images or flattened patches")
 
 
+#: processor attributes naming tokens that frame an image but are not in the model config
+#: (Idefics3/SmolVLM ``fake_image_token``/``global_image_tag``, Mistral3/Pixtral
+#: ``image_break_token``/``image_end_token``, Llama 4 tile separators and ``<|image|>``;
+#: read from 4.57 and 5.25)
+PROCESSOR_MARKER_ATTRIBUTES = (
+    "fake_image_token", "global_image_tag", "image_break_token", "image_end_token", "image_start_token",
+    "boi_token", "eoi_token", "start_of_img_token", "end_of_img_token", "tile_token", "tile_global_token",
+)
+
+
+def record_image_markers(model: nn.Module, processor: Any) -> list[int]:
+    """Write the ids of the tokens the processor puts around an image (and the config
+    does not name) to ``model.config.image_marker_token_ids``, so the text-only variant
+    drops them too. Returns them. Without a tokenizer on ``processor`` nothing is
+    recorded."""
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        return []
+    found: list[int] = list(getattr(model.config, "image_marker_token_ids", None) or ())
+    unk = getattr(tokenizer, "unk_token_id", None)
+    image_ids = {getattr(model.config, k, None) for k in compat.IMAGE_TOKEN_KEYS}
+    for attr in PROCESSOR_MARKER_ATTRIBUTES:
+        token = getattr(processor, attr, None)
+        if token is None:
+            continue
+        tid = tokenizer.convert_tokens_to_ids(str(token))
+        if isinstance(tid, int) and tid != unk and tid not in image_ids and tid not in found:
+            found.append(tid)
+    if found:
+        model.config.image_marker_token_ids = found
+    return found
+
+
 class HFQwen3VLAdapter(HFVisionLanguageAdapter):
     """``Qwen3VLForConditionalGeneration`` and ``Qwen3VLMoeForConditionalGeneration``.
 
@@ -337,6 +370,16 @@ class HFIdefics3Adapter(HFVisionLanguageAdapter):
     model_classes = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
     layer_paths = ("model.text_model.layers",)
     projector_paths = ("model.connector", "connector")
+
+    def text_only_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        if not getattr(self.model.config, "image_marker_token_ids", None):
+            raise ConfigError(
+                f"{type(self.model).__name__}: the ids of <fake_token_around_image> and <global-img> are not in the "
+                "config, so the text-only variant would keep them: load the model with load_model_and_processor, or "
+                "call lvlm_safety_plugins.adapters.hf.record_image_markers(model, processor) (or set "
+                "model.config.image_marker_token_ids)"
+            )
+        return super().text_only_batch(batch)
 
     def blank_image_batch(self, batch: Mapping[str, Any], kind: str = "blank", *, seed: int = 0,
                           image_processor: Any = None, fill: int = 0) -> dict[str, Any]:
@@ -480,5 +523,6 @@ class HFCausalLMAdapter(ModelAdapter):
 __all__ = [
     "HFCausalLMAdapter", "HFGemmaVisionAdapter", "HFIdefics3Adapter", "HFLlavaAdapter", "HFLlavaNextAdapter",
     "HFMistral3Adapter", "HFMolmo2Adapter", "HFOvis2Adapter", "HFQwen2VLAdapter", "HFQwen3VLAdapter",
-    "HFVisionLanguageAdapter", "RefusedModelAdapter", "constant_pixels",
+    "HFVisionLanguageAdapter", "PROCESSOR_MARKER_ATTRIBUTES", "RefusedModelAdapter", "constant_pixels",
+    "record_image_markers",
 ]
