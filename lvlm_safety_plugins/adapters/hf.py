@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import compat
 from ..errors import ConfigError, DataError, LayerError, UnsupportedModelError
-from .base import ModelAdapter, SequenceLayout, get_path, padding_side, repad
+from .base import ModelAdapter, SequenceLayout, layer_owner, padding_side, repad
 
 
 class HFLlavaAdapter(ModelAdapter):
@@ -165,31 +165,14 @@ class HFVisionLanguageAdapter(ModelAdapter):
 
     def _layer_owner(self) -> tuple[nn.Module, str] | None:
         lm = self.text_decoder
-        if lm is not None:
-            for sub in compat.DECODER_LAYER_SUBPATHS:
-                layers = get_path(lm, sub)
-                if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-                    parent_path, _, attr = sub.rpartition(".")
-                    parent = get_path(lm, parent_path) if parent_path else lm
-                    if isinstance(parent, nn.Module) and parent._modules.get(attr) is layers:
-                        return parent, attr
-        return super()._layer_owner()
+        found = layer_owner(lm, compat.DECODER_LAYER_SUBPATHS) if lm is not None else None
+        return found or super()._layer_owner()
 
     @property
     def final_norm(self) -> nn.Module:
         owner, _ = self.decoder_owner
         norm = getattr(owner, "norm", None)
         return norm if isinstance(norm, nn.Module) else super().final_norm
-
-    @property
-    def image_token_id(self) -> int:
-        cfg = self.model.config
-        for key in compat.IMAGE_TOKEN_KEYS:
-            value = getattr(cfg, key, None)
-            if value is not None:
-                return int(value)
-        raise UnsupportedModelError(f"{type(self.model).__name__}: the config names no image token id "
-                                    f"(none of {', '.join(compat.IMAGE_TOKEN_KEYS)})")
 
     def marker_token_ids(self) -> list[int]:
         """Tokens that bracket an image (dropped with the placeholders from the
