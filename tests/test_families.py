@@ -717,3 +717,54 @@ def test_processor_markers_are_recorded_for_the_text_only_variant():
     fake, glob = ids
     batch = {"input_ids": torch.tensor([[1, 5, fake, glob, IMG, IMG, fake, 6]]), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
     assert get_adapter(model).text_only_batch(batch)["input_ids"].tolist() == [[1, 5, 6]]
+
+
+@pytest.mark.slow
+def test_eval_cli_through_the_chat_template_of_an_idefics3(tmp_path, capsys):
+    """`lvlm-safety eval` on a saved tiny Idefics3 whose real Idefics3Processor (tiny
+    tokenizer, a chat template) is the one families' processor that builds offline:
+    the prompt goes through the chat template, load_model_and_processor records the
+    processor-only image markers, and sample-level CMRM (blank reference through the
+    image processor, text-only variant without the markers) runs in generate."""
+    import json
+
+    from test_eval import write_figstep
+
+    from lvlm_safety_plugins import cli
+    from lvlm_safety_plugins.loading import load_model_and_processor
+    from lvlm_safety_plugins.testing import tiny_tokenizer
+
+    if getattr(transformers, "Idefics3ForConditionalGeneration", None) is None:
+        pytest.skip("Idefics3ForConditionalGeneration does not exist in this transformers")
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<global-img>", "<image>",
+                                                         "<end_of_utterance>"]})
+    f = next(x for x in FAMILIES if x.cls == "Idefics3")
+    cfg = f.config(transformers)
+    cfg.image_marker_token_ids = None
+    cfg.text_config.vocab_size = len(tok) + 8
+    cfg.image_token_id = tok.convert_tokens_to_ids("<image>")
+    cfg.text_config.pad_token_id = tok.pad_token_id
+    torch.manual_seed(0)
+    transformers.Idefics3ForConditionalGeneration(cfg).save_pretrained(tmp_path / "idefics3")
+    image_processor = _image_processor("Idefics3ImageProcessor")
+    image_processor.size, image_processor.max_image_size = {"longest_edge": 56}, {"longest_edge": 56}
+    image_processor.do_image_splitting = False
+    template = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}"
+                "{{ c['text'] }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+                "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    transformers.Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
+                                   chat_template=template).save_pretrained(tmp_path / "idefics3")
+    model, processor = load_model_and_processor(tmp_path / "idefics3")
+    assert processor.chat_template == template  # what eval's prompts go through
+    assert model.config.image_marker_token_ids == [tok.convert_tokens_to_ids(t) for t in ("<fake_token_around_image>",
+                                                                                           "<global-img>")]
+    figstep = write_figstep(tmp_path / "FigStep")
+    out = tmp_path / "out"
+    code = cli.main(["eval", "--model", str(tmp_path / "idefics3"), "--benchmark", f"figstep:{figstep}", "--out", str(out),
+                     "--limit", "2", "--batch-size", "2", "--max-new-tokens", "3", "--no-progress",
+                     "--recipe", "cmrm_llava15_sample cmrm.layers=[1]"])
+    assert code == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {r.get("run") for r in rows} >= {"base", "cmrm_llava15_sample"}
+    assert "| figstep | unsafe rate (ASR) | 2 |" in capsys.readouterr().out
