@@ -579,6 +579,7 @@ def _hand_steer_rows(model, layer: int, vectors: torch.Tensor, real):
 @pytest.mark.parametrize("f", FAMILIES, ids=_row_id)
 def test_tga_capture_and_comparative_ablations(f: Family):
     model = _build(f)
+    before = _snapshot(model)
     adapter = get_adapter(model)
     batch = _batch(f, labels=True)
     layer = adapter.num_layers - 1
@@ -623,6 +624,7 @@ def test_tga_capture_and_comparative_ablations(f: Family):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
         model.zero_grad(set_to_none=True)
     model.eval()
+    _assert_clean(model, before)  # no capture, drop or crop hook left, no weight changed
 
 
 def test_mllama_is_refused_by_name():
