@@ -480,11 +480,6 @@ def test_text_only_and_reference_batches(f: Family):
         assert torch.equal(blank["pixel_values"], torch.zeros_like(batch["pixel_values"]))
 
 
-def _last(attention: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda hidden: attention.bool()[:, -hidden.shape[1]:] if hidden.shape[1] <= attention.shape[1] else \
-        torch.ones(hidden.shape[:2], dtype=torch.bool)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("f", FAMILIES, ids=_row_id)
 def test_cmrm_calibration_steering_and_folding(f: Family):
@@ -515,7 +510,6 @@ def test_cmrm_calibration_steering_and_folding(f: Family):
     # dataset level, all real positions of prompt and answer, in generate with the KV cache
     with cmrm_steer(model, {layer: vector}, alpha=1.0, positions="all", apply_to="both"):
         seq, scores = generate()
-    attention = {"mask": batch["attention_mask"]}
 
     def real(hidden):  # the prompt's real positions at prefill, the new token afterwards
         if hidden.shape[1] == batch["input_ids"].shape[1]:
@@ -530,7 +524,6 @@ def test_cmrm_calibration_steering_and_folding(f: Family):
     assert torch.equal(seq, hand_seq)
     torch.testing.assert_close(scores, hand_scores, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(scores, plain_scores)
-    del attention
     # sample level (independent composition, one layer): this input's own shift with the
     # blank reference image, measured on the unsteered model
     proc = _image_processor(f.image_processor) if f.image_processor else None
