@@ -46,7 +46,11 @@ def load_model_and_processor(path: str | Path, device: str = "cpu", dtype: Any =
             raise
         raise LVLMSafetyError(f"{folder}: a weight file is truncated or corrupt (safetensors: {exc})") from None
     model = model.to(device).eval()
-    return model, load_processor(folder)
+    processor = load_processor(folder)
+    from .adapters.hf import record_image_markers
+
+    record_image_markers(model, processor)  # image markers only the processor names (Idefics3, SmolVLM, Llama 4)
+    return model, processor
 
 
 def check_device(device: Any) -> None:

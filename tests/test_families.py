@@ -29,6 +29,7 @@ What each row checks, against computations written here (never against the adapt
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -140,7 +141,11 @@ def _qwen35(T, moe=False):
 
 
 def _glm4v(T, moe=False):
-    text = dict(TEXT, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "partial_rotary_factor": 1.0})
+    if transformers.__version__.startswith("4."):  # 4.57 reads rope_scaling
+        # (4.57's Glm4vMoe text config rotates half the head dimension)
+        text = dict(TEXT, rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 0] if moe else [2, 1, 1]})
+    else:
+        text = dict(TEXT, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "partial_rotary_factor": 1.0})
     if moe:
         text.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
                     first_k_dense_replace=1, n_group=1, topk_group=1)
@@ -211,6 +216,7 @@ class Family:
     #: the MLP is Llama-style (gate/up/down linears) and its output is added to the residual
     #: stream as it is; else folding is refused (MoE, fused gate_up, Gemma's post-MLP norm)
     folds: bool = True
+    scaled: bool = False  # the model scales the projector output before it lands (4.x PaliGemma)
     extra_image: tuple[int, ...] = ()  # tokens besides the placeholders that get image content (Ovis2)
     image: int = IMG  # the placeholder token
     image_processor: str | None = None  # the family's image processor class (built offline, defaults)
@@ -230,7 +236,8 @@ FAMILIES = [
     Family("InternVL", _internvl, _image, 1, "model.multi_modal_projector", before=(), after=(),
            image_processor="GotOcr2ImageProcessor"),
     Family("PaliGemma", _paligemma, _image, 4, "model.multi_modal_projector", adapter=hf.HFGemmaVisionAdapter,
-           before=(), after=(), token_types="token_type_ids", image_processor="SiglipImageProcessor"),
+           before=(), after=(), token_types="token_type_ids", image_processor="SiglipImageProcessor",
+           scaled=not transformers.__version__.startswith("5.")),
     Family("Gemma3", _gemma3, _image, 1, "model.multi_modal_projector", adapter=hf.HFGemmaVisionAdapter,
            token_types="token_type_ids", folds=False, image_processor="Gemma3ImageProcessor"),
     Family("Gemma4", _gemma4, _gemma4_pixels, 4, "model.embed_vision", adapter=hf.HFGemmaVisionAdapter,
@@ -308,8 +315,9 @@ def _batch(f: Family, seed: int = 0, labels: bool = False) -> dict:
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     batch = {"input_ids": ids, "attention_mask": (torch.arange(width) >= torch.tensor([[width - len(r)] for r in rows])).long()}
     batch.update(f.pixels(2, seed))
-    if f.token_types:
-        batch[f.token_types] = (ids == f.image).long()
+    cls = getattr(transformers, f.cls + "ForConditionalGeneration", None)
+    if f.token_types and cls is not None and f.token_types in inspect.signature(cls.forward).parameters:
+        batch[f.token_types] = (ids == f.image).long()  # 4.57's Qwen3-VL/GLM-4V take no mm_token_type_ids
     if labels:
         lab = ids.clone()
         lab[(batch["attention_mask"] == 0) | (ids == f.image)] = -100
@@ -338,8 +346,13 @@ def _hooks(model) -> dict:
     def ours(hooks):  # transformers' own output-capturing hooks come and stay: not ours to check
         return tuple(h for h in hooks.values() if not getattr(h, "__module__", "").startswith("transformers."))
 
-    return {name: (ours(m._forward_hooks), ours(m._forward_pre_hooks), m.__dict__.get("forward"))
-            for name, m in model.named_modules()}
+    def wrapper(m):  # 4.54-4.57 restore a patched forward by assigning the bound original: not a wrapper
+        fwd = m.__dict__.get("forward")
+        if getattr(fwd, "__self__", None) is m and getattr(fwd, "__func__", None) is type(m).forward:
+            return None
+        return fwd
+
+    return {name: (ours(m._forward_hooks), ours(m._forward_pre_hooks), wrapper(m)) for name, m in model.named_modules()}
 
 
 def _snapshot(model) -> tuple[dict, dict]:
@@ -419,6 +432,8 @@ def test_layout_is_where_the_projector_output_lands(f: Family):
     rows = torch.cat(seen["proj"])
     if f.newline:
         rows = torch.cat([rows, _module(model, f.newline).detach().reshape(1, -1)])
+    if f.scaled:  # 4.x PaliGemma divides the projector output by sqrt(hidden size) after the projector
+        landed = landed * model.config.text_config.hidden_size ** 0.5
     dist = torch.cdist(landed.float(), rows.float()).min(dim=1).values
     assert bool((dist < 1e-4).all()), dist
     if not f.extra_image and not f.newline:  # one projector row per placeholder, in order
@@ -439,7 +454,7 @@ def test_text_only_and_reference_batches(f: Family):
         got = text["input_ids"][row][text["attention_mask"][row].bool()]
         assert torch.equal(got, ids[keep])
     assert not any(k in text for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes"))
-    if f.token_types:  # carried column by column: no image block is left
+    if f.token_types in batch:  # carried column by column: no image block is left
         assert text[f.token_types].shape == text["input_ids"].shape and int(text[f.token_types].sum()) == 0
     noise = adapter.blank_image_batch(batch, "noise", seed=1)
     if isinstance(adapter, hf.HFIdefics3Adapter):  # an all-zero image is a padding image there
@@ -463,11 +478,6 @@ def test_text_only_and_reference_batches(f: Family):
     assert not torch.allclose(a, b) and not torch.allclose(b, c)
     if not isinstance(adapter, hf.HFIdefics3Adapter):
         assert torch.equal(blank["pixel_values"], torch.zeros_like(batch["pixel_values"]))
-
-
-def _last(attention: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda hidden: attention.bool()[:, -hidden.shape[1]:] if hidden.shape[1] <= attention.shape[1] else \
-        torch.ones(hidden.shape[:2], dtype=torch.bool)
 
 
 @pytest.mark.slow
@@ -500,7 +510,6 @@ def test_cmrm_calibration_steering_and_folding(f: Family):
     # dataset level, all real positions of prompt and answer, in generate with the KV cache
     with cmrm_steer(model, {layer: vector}, alpha=1.0, positions="all", apply_to="both"):
         seq, scores = generate()
-    attention = {"mask": batch["attention_mask"]}
 
     def real(hidden):  # the prompt's real positions at prefill, the new token afterwards
         if hidden.shape[1] == batch["input_ids"].shape[1]:
@@ -515,7 +524,6 @@ def test_cmrm_calibration_steering_and_folding(f: Family):
     assert torch.equal(seq, hand_seq)
     torch.testing.assert_close(scores, hand_scores, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(scores, plain_scores)
-    del attention
     # sample level (independent composition, one layer): this input's own shift with the
     # blank reference image, measured on the unsteered model
     proc = _image_processor(f.image_processor) if f.image_processor else None
@@ -564,6 +572,7 @@ def _hand_steer_rows(model, layer: int, vectors: torch.Tensor, real):
 @pytest.mark.parametrize("f", FAMILIES, ids=_row_id)
 def test_tga_capture_and_comparative_ablations(f: Family):
     model = _build(f)
+    before = _snapshot(model)
     adapter = get_adapter(model)
     batch = _batch(f, labels=True)
     layer = adapter.num_layers - 1
@@ -608,6 +617,7 @@ def test_tga_capture_and_comparative_ablations(f: Family):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
         model.zero_grad(set_to_none=True)
     model.eval()
+    _assert_clean(model, before)  # no capture, drop or crop hook left, no weight changed
 
 
 def test_mllama_is_refused_by_name():
@@ -615,7 +625,8 @@ def test_mllama_is_refused_by_name():
     cls = getattr(transformers, "MllamaForConditionalGeneration", None)
     if cls is None:
         pytest.skip("MllamaForConditionalGeneration does not exist in this transformers")
-    text = dict(TEXT, model_type="mllama_text_model", cross_attention_layers=[1], rope_theta=10000)
+    text = dict(TEXT, model_type="mllama_text_model", cross_attention_layers=[1], rope_theta=10000,
+                rope_scaling={"rope_type": "default"})
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_global_layers=1, num_attention_heads=2,
                   image_size=28, patch_size=14, max_num_tiles=1, vision_output_dim=32, intermediate_layers_indices=[0],
                   supported_aspect_ratios=[[1, 1]])
@@ -627,3 +638,128 @@ def test_mllama_is_refused_by_name():
         get_adapter(model)
     with pytest.raises(UnsupportedModelError, match="cross-attention"):
         cmrm_apply(model, {0: torch.zeros(32)})
+
+
+def test_assembled_llava_checkpoint_loads_and_serves(tmp_path):
+    """docs/adapters.md's recipe, on tiny random parts: an LLM and a CLIP vision tower
+    put into a Llava, saved, loaded with load_model_and_processor, and served."""
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel, LlamaConfig, LlamaForCausalLM,
+                              LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+
+    from lvlm_safety_plugins import compat
+    from lvlm_safety_plugins.loading import load_model_and_processor
+    from lvlm_safety_plugins.testing import (IMAGE_SIZE, PATCH_SIZE, decoder_input, make_image, save_tiny_clip_vision_tower,
+                                             tiny_image_processor, tiny_tokenizer)
+
+    base = tiny_tokenizer()
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(base), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 bos_token_id=2, eos_token_id=3)).save_pretrained(tmp_path / "llm")
+    base.save_pretrained(tmp_path / "llm")
+    clip = save_tiny_clip_vision_tower(tmp_path / "clip")
+    # -- the documented steps --
+    llm = AutoModelForCausalLM.from_pretrained(tmp_path / "llm")
+    tower = CLIPVisionModel.from_pretrained(clip)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "llm")
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    cfg = LlavaConfig(vision_config=tower.config, text_config=llm.config, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    cfg.pad_token_id = tok.pad_token_id
+    model = LlavaForConditionalGeneration(cfg)
+    model.get_decoder().load_state_dict(llm.get_decoder().state_dict())
+    model.get_output_embeddings().load_state_dict(llm.get_output_embeddings().state_dict())
+    vision = model.model.vision_tower if hasattr(model, "model") else model.vision_tower
+    vision.load_state_dict(tower.state_dict())
+    model.resize_token_embeddings(len(tok))
+    processor = LlavaProcessor(image_processor=tiny_image_processor(), tokenizer=tok,
+                               **compat.llava_processor_kwargs(patch_size=tower.config.patch_size))
+    model.save_pretrained(tmp_path / "llava")
+    processor.save_pretrained(tmp_path / "llava")
+    loaded, proc = load_model_and_processor(tmp_path / "llava")
+    # -- served: the LLM's weights are there, image positions are the projector's output
+    assert torch.equal(get_adapter(loaded).decoder_layers[1].mlp.down_proj.weight, llm.get_decoder().layers[1].mlp.down_proj.weight)
+    proc.tokenizer.padding_side = "left"
+    batch = dict(proc(text=["USER: <image> what is in the image ? ASSISTANT:"], images=[make_image(0)], return_tensors="pt"))
+    layout = get_adapter(loaded).layout(batch)
+    x = decoder_input(loaded, **batch)
+    assert int(layout.image_mask.sum()) == (IMAGE_SIZE // PATCH_SIZE) ** 2
+    assert x.shape[:2] == layout.image_mask.shape
+    if x.shape[1] == batch["input_ids"].shape[1]:  # the processor expanded <image> (not 4.37: the model splices)
+        with torch.no_grad():
+            emb = loaded.get_input_embeddings()(batch["input_ids"])
+        assert torch.equal((x - emb).abs().amax(-1) > 0, layout.image_mask)
+
+
+def test_processor_markers_are_recorded_for_the_text_only_variant():
+    """Tokens a processor writes around an image that the config does not name
+    (Idefics3's <fake_token_around_image>, <global-img>) are dropped once recorded."""
+    f = next(x for x in FAMILIES if x.cls == "Idefics3")
+    model = _build(f)
+    model.config.image_marker_token_ids = None
+    batch = {"input_ids": torch.tensor([[1, 5, IMG, 6]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    with pytest.raises(ValueError, match="fake_token_around_image.*record_image_markers"):
+        get_adapter(model).text_only_batch(batch)
+    from lvlm_safety_plugins.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<global-img>", "<image>",
+                                                         "<end_of_utterance>"]})
+    processor = transformers.Idefics3Processor(image_processor=_image_processor("Idefics3ImageProcessor"), tokenizer=tok,
+                                               image_seq_len=4)
+    ids = hf.record_image_markers(model, processor)
+    assert ids == [tok.convert_tokens_to_ids("<fake_token_around_image>"), tok.convert_tokens_to_ids("<global-img>")]
+    fake, glob = ids
+    batch = {"input_ids": torch.tensor([[1, 5, fake, glob, IMG, IMG, fake, 6]]), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+    assert get_adapter(model).text_only_batch(batch)["input_ids"].tolist() == [[1, 5, 6]]
+
+
+@pytest.mark.slow
+def test_eval_cli_through_the_chat_template_of_an_idefics3(tmp_path, capsys):
+    """`lvlm-safety eval` on a saved tiny Idefics3 whose real Idefics3Processor (tiny
+    tokenizer, a chat template) is the one families' processor that builds offline:
+    the prompt goes through the chat template, load_model_and_processor records the
+    processor-only image markers, and sample-level CMRM (blank reference through the
+    image processor, text-only variant without the markers) runs in generate."""
+    import json
+
+    from test_eval import write_figstep
+
+    from lvlm_safety_plugins import cli
+    from lvlm_safety_plugins.loading import load_model_and_processor
+    from lvlm_safety_plugins.testing import tiny_tokenizer
+
+    if getattr(transformers, "Idefics3ForConditionalGeneration", None) is None:
+        pytest.skip("Idefics3ForConditionalGeneration does not exist in this transformers")
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<global-img>", "<image>",
+                                                         "<end_of_utterance>"]})
+    f = next(x for x in FAMILIES if x.cls == "Idefics3")
+    cfg = f.config(transformers)
+    cfg.image_marker_token_ids = None
+    cfg.text_config.vocab_size = len(tok) + 8
+    cfg.image_token_id = tok.convert_tokens_to_ids("<image>")
+    cfg.text_config.pad_token_id = tok.pad_token_id
+    torch.manual_seed(0)
+    transformers.Idefics3ForConditionalGeneration(cfg).save_pretrained(tmp_path / "idefics3")
+    image_processor = _image_processor("Idefics3ImageProcessor")
+    image_processor.size, image_processor.max_image_size = {"longest_edge": 56}, {"longest_edge": 56}
+    image_processor.do_image_splitting = False
+    template = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}"
+                "{{ c['text'] }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+                "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    transformers.Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
+                                   chat_template=template).save_pretrained(tmp_path / "idefics3")
+    model, processor = load_model_and_processor(tmp_path / "idefics3")
+    assert processor.chat_template == template  # what eval's prompts go through
+    assert model.config.image_marker_token_ids == [tok.convert_tokens_to_ids(t) for t in ("<fake_token_around_image>",
+                                                                                           "<global-img>")]
+    figstep = write_figstep(tmp_path / "FigStep")
+    out = tmp_path / "out"
+    code = cli.main(["eval", "--model", str(tmp_path / "idefics3"), "--benchmark", f"figstep:{figstep}", "--out", str(out),
+                     "--limit", "2", "--batch-size", "2", "--max-new-tokens", "3", "--no-progress",
+                     "--recipe", "cmrm_llava15_sample cmrm.layers=[1]"])
+    assert code == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {r.get("run") for r in rows} >= {"base", "cmrm_llava15_sample"}
+    assert "| figstep | unsafe rate (ASR) | 2 |" in capsys.readouterr().out

@@ -38,6 +38,19 @@ def get_path(root: Any, path: str) -> Any:
     return obj
 
 
+def layer_owner(root: Any, paths: Sequence[str]) -> tuple[nn.Module, str] | None:
+    """``(module, attribute)`` of the first of ``paths`` under ``root`` that holds a
+    non-empty ``nn.ModuleList`` as a registered child, or ``None``."""
+    for path in paths:
+        layers = get_path(root, path)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            parent_path, _, attr = path.rpartition(".")
+            parent = get_path(root, parent_path) if parent_path else root
+            if isinstance(parent, nn.Module) and parent._modules.get(attr) is layers:
+                return parent, attr
+    return None
+
+
 @dataclass
 class SequenceLayout:
     """Where the tokens of a batch sit in the sequence the LLM decoder sees.
@@ -127,14 +140,7 @@ class ModelAdapter:
     def _layer_owner(self) -> tuple[nn.Module, str] | None:
         """``(module, attribute)`` holding the decoder layers, or ``None``: probes
         :attr:`layer_paths` in order (adapters with a better way override this)."""
-        for path in self.layer_paths:
-            layers = get_path(self.model, path)
-            if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-                parent_path, _, attr = path.rpartition(".")
-                parent = get_path(self.model, parent_path) if parent_path else self.model
-                if isinstance(parent, nn.Module) and parent._modules.get(attr) is layers:
-                    return parent, attr
-        return None
+        return layer_owner(self.model, self.layer_paths)
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
@@ -354,6 +360,7 @@ __all__ = [
     "SequenceLayout",
     "get_path",
     "layer_hidden",
+    "layer_owner",
     "padding_side",
     "repad",
     "replace_layer_hidden",

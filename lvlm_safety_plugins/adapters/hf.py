@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import compat
 from ..errors import ConfigError, DataError, LayerError, UnsupportedModelError
-from .base import ModelAdapter, SequenceLayout, get_path, padding_side, repad
+from .base import ModelAdapter, SequenceLayout, layer_owner, padding_side, repad
 
 
 class HFLlavaAdapter(ModelAdapter):
@@ -165,31 +165,14 @@ class HFVisionLanguageAdapter(ModelAdapter):
 
     def _layer_owner(self) -> tuple[nn.Module, str] | None:
         lm = self.text_decoder
-        if lm is not None:
-            for sub in compat.DECODER_LAYER_SUBPATHS:
-                layers = get_path(lm, sub)
-                if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-                    parent_path, _, attr = sub.rpartition(".")
-                    parent = get_path(lm, parent_path) if parent_path else lm
-                    if isinstance(parent, nn.Module) and parent._modules.get(attr) is layers:
-                        return parent, attr
-        return super()._layer_owner()
+        found = layer_owner(lm, compat.DECODER_LAYER_SUBPATHS) if lm is not None else None
+        return found or super()._layer_owner()
 
     @property
     def final_norm(self) -> nn.Module:
         owner, _ = self.decoder_owner
         norm = getattr(owner, "norm", None)
         return norm if isinstance(norm, nn.Module) else super().final_norm
-
-    @property
-    def image_token_id(self) -> int:
-        cfg = self.model.config
-        for key in compat.IMAGE_TOKEN_KEYS:
-            value = getattr(cfg, key, None)
-            if value is not None:
-                return int(value)
-        raise UnsupportedModelError(f"{type(self.model).__name__}: the config names no image token id "
-                                    f"(none of {', '.join(compat.IMAGE_TOKEN_KEYS)})")
 
     def marker_token_ids(self) -> list[int]:
         """Tokens that bracket an image (dropped with the placeholders from the
@@ -280,6 +263,39 @@ def constant_pixels(pixels: torch.Tensor, image_processor: Any, fill: int) -> to
                     f"batch's {tuple(pixels.shape)} as channels-first images or flattened patches")
 
 
+#: processor attributes naming tokens that frame an image but are not in the model config
+#: (Idefics3/SmolVLM ``fake_image_token``/``global_image_tag``, Mistral3/Pixtral
+#: ``image_break_token``/``image_end_token``, Llama 4 tile separators and ``<|image|>``;
+#: read from 4.57 and 5.25)
+PROCESSOR_MARKER_ATTRIBUTES = (
+    "fake_image_token", "global_image_tag", "image_break_token", "image_end_token", "image_start_token",
+    "boi_token", "eoi_token", "start_of_img_token", "end_of_img_token", "tile_token", "tile_global_token",
+)
+
+
+def record_image_markers(model: nn.Module, processor: Any) -> list[int]:
+    """Write the ids of the tokens the processor puts around an image (and the config
+    does not name) to ``model.config.image_marker_token_ids``, so the text-only variant
+    drops them too. Returns them. Without a tokenizer on ``processor`` nothing is
+    recorded."""
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        return []
+    found: list[int] = list(getattr(model.config, "image_marker_token_ids", None) or ())
+    unk = getattr(tokenizer, "unk_token_id", None)
+    image_ids = {getattr(model.config, k, None) for k in compat.IMAGE_TOKEN_KEYS}
+    for attr in PROCESSOR_MARKER_ATTRIBUTES:
+        token = getattr(processor, attr, None)
+        if token is None:
+            continue
+        tid = tokenizer.convert_tokens_to_ids(str(token))
+        if isinstance(tid, int) and tid != unk and tid not in image_ids and tid not in found:
+            found.append(tid)
+    if found:
+        model.config.image_marker_token_ids = found
+    return found
+
+
 class HFQwen3VLAdapter(HFVisionLanguageAdapter):
     """``Qwen3VLForConditionalGeneration`` and ``Qwen3VLMoeForConditionalGeneration``.
 
@@ -337,6 +353,16 @@ class HFIdefics3Adapter(HFVisionLanguageAdapter):
     model_classes = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
     layer_paths = ("model.text_model.layers",)
     projector_paths = ("model.connector", "connector")
+
+    def text_only_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        if not getattr(self.model.config, "image_marker_token_ids", None):
+            raise ConfigError(
+                f"{type(self.model).__name__}: the ids of <fake_token_around_image> and <global-img> are not in the "
+                "config, so the text-only variant would keep them: load the model with load_model_and_processor, or "
+                "call lvlm_safety_plugins.adapters.hf.record_image_markers(model, processor) (or set "
+                "model.config.image_marker_token_ids)"
+            )
+        return super().text_only_batch(batch)
 
     def blank_image_batch(self, batch: Mapping[str, Any], kind: str = "blank", *, seed: int = 0,
                           image_processor: Any = None, fill: int = 0) -> dict[str, Any]:
@@ -480,5 +506,6 @@ class HFCausalLMAdapter(ModelAdapter):
 __all__ = [
     "HFCausalLMAdapter", "HFGemmaVisionAdapter", "HFIdefics3Adapter", "HFLlavaAdapter", "HFLlavaNextAdapter",
     "HFMistral3Adapter", "HFMolmo2Adapter", "HFOvis2Adapter", "HFQwen2VLAdapter", "HFQwen3VLAdapter",
-    "HFVisionLanguageAdapter", "RefusedModelAdapter", "constant_pixels",
+    "HFVisionLanguageAdapter", "PROCESSOR_MARKER_ATTRIBUTES", "RefusedModelAdapter", "constant_pixels",
+    "record_image_markers",
 ]
