@@ -94,7 +94,7 @@ SELECTED: dict[str, Any] = {
     "tga": {"layers": "0-3", "pair_weight": None},
     "cmrm": {"alpha": 0.3, "layers": "all", "positions": "from_image", "apply_to": "prompt", "variant": "sample",
              "reference": "none"},
-    "source": "fixed in docs/demo-preregistration.md (world 1's selection, lvlm-safety demo --select on world 1000)",
+    "source": "fixed in docs/demo-preregistration.md: world 1's selection on world 1000",
     "analysis": {"refusal_prob": [0.88, 0.97, 0.98, 0.99], "safety_layers": [0, 1, 2, 3]},
 }
 
@@ -322,10 +322,10 @@ class MethodFailed(Exception):
     """A demo method that could not run because one it builds on failed."""
 
 
-def provenance(threads: int) -> dict[str, Any]:
+def provenance(processes: int) -> dict[str, Any]:
     """Where the numbers came from: torch and transformers versions, the CPU model and
     its instruction-set flags (``/proc/cpuinfo`` where there is one, else ``platform``),
-    threads per seed and the processes run at once."""
+    the seeds run at once (``processes``) and the threads each uses (one)."""
     import os
     import platform
 
@@ -343,7 +343,7 @@ def provenance(threads: int) -> dict[str, Any]:
         pass
     return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "cpu": cpu, "cpu_flags": flags, "cpu_count": os.cpu_count(),
-            "processes": threads, "threads_per_seed": 1 if threads > 1 else torch.get_num_threads()}
+            "processes": processes, "threads_per_seed": 1}
 
 
 def _text_stage(seed: int, size: DemoSize, concepts: int | None, desc: str,
@@ -716,13 +716,10 @@ def plain_summary(report: Mapping[str, Any]) -> list[str]:
         rows = [g for g in goal_rows if g["goal"] == f"{method}: ({kind}) harmful refused >= text - 0.10"]
         return f" (its goal, >= text - 0.10, met on {sum(g['met'] for g in rows)} of {len(rows)} seeds)" if rows else ""
 
-    def change(method: str, key: str) -> str:
-        before, after = m("baseline", key), m(method, key)
-        if after > before + 0.05:
-            return f"raised {before:.2f} -> {after:.2f}"
-        if after < before - 0.05:
-            return f"lowered {before:.2f} -> {after:.2f}"
-        return f"left {before:.2f} about as it was ({after:.2f})"
+    def change(method: str, kind: str) -> str:
+        before, after = m("baseline", f"{kind}_refusal_harmful"), m(method, f"{kind}_refusal_harmful")
+        verb = "raised" if after > before + 0.05 else "lowered" if after < before - 0.05 else "did not change"
+        return f"{verb} kind ({kind}) harmful refusals ({before:.2f} -> {after:.2f})"
 
     for method in METHODS[1:]:
         if method not in report["summary"]:
@@ -731,8 +728,7 @@ def plain_summary(report: Mapping[str, Any]) -> list[str]:
         kind = "b" if method in STEERED else "a"
         other = "a" if kind == "b" else "b"
         lines.append(
-            f"{method} {change(method, f'{kind}_refusal_harmful')} on kind ({kind}) harmful{met(method, kind)}, "
-            f"{change(method, f'{other}_refusal_harmful')} on kind ({other}), benign kind ({kind}) refused "
+            f"{method} {change(method, kind)}{met(method, kind)} and {change(method, other)}; benign kind ({kind}) refused "
             f"{m(method, f'{kind}_refusal_benign'):.2f} (baseline {m('baseline', f'{kind}_refusal_benign'):.2f}), captions "
             f"{m(method, 'caption_accuracy'):.2f} (baseline {m('baseline', 'caption_accuracy'):.2f}).")
     timings: dict[str, list[float]] = {}
@@ -964,6 +960,7 @@ def run_demo(quick: bool = False, seeds: int | None = None, out: str | Path = "d
     import os
 
     jobs = min(n, jobs if jobs is not None else (os.cpu_count() or 1))
+    threads = torch.get_num_threads()
     prov = provenance(jobs)
     with tempfile.TemporaryDirectory() as tmp:
         if jobs == 1:
@@ -974,12 +971,14 @@ def run_demo(quick: bool = False, seeds: int | None = None, out: str | Path = "d
                 _show_progress(bar, [*per_seed, record])
                 write(record)
 
+            torch.set_num_threads(1)  # as in the workers: the tiny models gain little from a second thread
             try:
                 for seed in seed_ids:
                     per_seed.append(run_seed(seed, size, Path(tmp), recipe_overrides, concepts=concepts, on_update=step,
                                              part=split))
             finally:
                 bar.close()
+                torch.set_num_threads(threads)
         else:
             per_seed.extend(_run_parallel(seed_ids, jobs, size, Path(tmp), recipe_overrides, concepts, write_records, split))
     write(None)
