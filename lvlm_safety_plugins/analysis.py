@@ -30,7 +30,14 @@ from .errors import DataError
 from .fileio import atomic_write_text, save_figure
 from .progress import progress_bar
 
-DEFAULT_REFUSAL_WORDS = ("sorry", "Sorry", "cannot", "unable", "apologize", "I'm", "not", "can't")
+#: Words that open or mark a refusal, and whose FIRST token does too (it is the first token
+#: that the logit lens measures): "I'm sorry" / "Sorry, ..." / "I cannot" / "I am unable" /
+#: "I apologize" / "Unfortunately, ...". On Mistral-7B's tokenizer each of these is one
+#: whole-word token, except "apologize", whose first piece "apolog" is still its own.
+#: Left out on purpose: "I'm" (first token "I", which opens most answers), "not" (in most
+#: non-refusals), "can't" and "won't" (first tokens "can", "won": "I can help ..."), and
+#: "Cannot", "Unable", "Apologies" (first pieces "C", "Un", "Ap"). docs/tga.md has the table.
+DEFAULT_REFUSAL_WORDS = ("sorry", "Sorry", "cannot", "unable", "apologize", "Unfortunately")
 
 
 @dataclass
@@ -52,17 +59,46 @@ class SafetyAnalysis:
         return json.dumps(asdict(self), indent=2)
 
 
+def _word_tokens(tokenizer: Any, word: str) -> list[tuple[int, str]]:
+    """For each way ``word`` starts a response (as is, after a space): its first token
+    that carries a character of the word (a bare word-boundary piece such as
+    sentencepiece's "▁" before it is passed over), as ``(id, text)``."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    out = []
+    for variant in (word, " " + word):
+        for tid in tokenizer(variant, add_special_tokens=False)["input_ids"]:
+            text = tokenizer.decode([tid]).strip()
+            if text:
+                if tid != unk:
+                    out.append((int(tid), text))
+                break
+    return out
+
+
 def refusal_token_ids(tokenizer: Any, words: Iterable[str] = DEFAULT_REFUSAL_WORDS) -> list[int]:
     """The first token of each refusal word, as it starts a response (with and without
-    a leading space), de-duplicated; unknown-token ids are dropped."""
-    unk = getattr(tokenizer, "unk_token_id", None)
+    a leading space), de-duplicated; unknown-token ids and bare word-boundary pieces
+    (sentencepiece's "▁", which " sorry" starts with on tokenizers such as Mistral-7B's,
+    and which is no refusal) are dropped."""
     found: list[int] = []
     for word in words:
-        for variant in (word, " " + word):
-            ids = tokenizer(variant, add_special_tokens=False)["input_ids"]
-            if ids and ids[0] != unk and ids[0] not in found:
-                found.append(int(ids[0]))
+        for tid, _ in _word_tokens(tokenizer, word):
+            if tid not in found:
+                found.append(tid)
     return found
+
+
+def partial_refusal_words(tokenizer: Any, words: Iterable[str]) -> list[str]:
+    """Notes on the words whose first token is only a piece of the word (what the logit
+    lens measures for them), e.g. "can't" -> "can", which also opens "I can help"."""
+    notes = []
+    for word in words:
+        pieces = sorted({text for _, text in _word_tokens(tokenizer, word) if text != word.strip()})
+        if pieces:
+            shown = ", ".join(repr(p) for p in pieces)
+            notes.append(f"refusal word {word!r} is measured through its first token {shown} (the logit lens sees a "
+                         "word's first token only): check that this piece opens no answer that is not a refusal")
+    return notes
 
 
 def locate_safety_layers(refusal_prob: Sequence[float]) -> list[int]:
@@ -164,7 +200,7 @@ def analyze(
         raise DataError("analyze needs at least one harmful text prompt")
     tok = getattr(processor, "tokenizer", processor)
     ids = refusal_token_ids(tok, refusal_words)
-    notes = []
+    notes = partial_refusal_words(tok, refusal_words)
     if not ids:
         raise DataError(f"none of the refusal words {list(refusal_words)} is a known token of this tokenizer")
     was_training = model.training
@@ -230,6 +266,7 @@ __all__ = [
     "image_caption_similarity",
     "locate_safety_layers",
     "logit_lens_refusal",
+    "partial_refusal_words",
     "refusal_token_ids",
     "write_report",
 ]

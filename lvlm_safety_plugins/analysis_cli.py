@@ -35,6 +35,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         mark = "  <- safety layer" if layer in result.safety_layers else ""
         print(f"{layer:>5}  {p:10.4f}  {cos}{mark}")
     print(f"safety layers: {result.safety_layers}")
+    for note in result.notes:
+        print(f"note: {note}")
     for kind, path in written.items():
         print(f"wrote {kind}: {path}")
     return 0
@@ -48,7 +50,8 @@ def add_analyze_command(sub: Any) -> None:
     p.add_argument("--image-folder", help="folder image paths are relative to (default: the pairs file's folder)")
     p.add_argument("--template", default="USER: {prompt} ASSISTANT:", help="prompt template for the harmful prompts")
     p.add_argument("--image-prompt", default="USER: <image> ASSISTANT:", help="prompt carrying the image for the pairs")
-    p.add_argument("--refusal-words", help="comma-separated refusal words (default: sorry, cannot, unable, ...)")
+    p.add_argument("--refusal-words", help="comma-separated words that open a refusal, measured through their first "
+                   "token (default: sorry, Sorry, cannot, unable, apologize, Unfortunately)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="output folder for analysis.json and analysis.png")

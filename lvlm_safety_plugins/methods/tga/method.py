@@ -17,12 +17,17 @@ Per training step (through the lifecycle hooks):
    training forward over the image tokens and the retrieved-text tokens (in decoder
    coordinates). Reentrant gradient checkpointing is switched to non-reentrant (same
    gradients), since under it the captured states would carry no gradient.
-4. ``loss_terms``: ``tga/pair`` = w_pair a(r) mean exp(-cos(img, cap)) and
-   ``tga/rank`` = w_rank b(r) mean exp(cos(ret, cap) - cos(img, cap)), in torch, so
-   both terms carry gradients to the projector (the reference code computed them with
-   ``math.exp``, which gives no gradient at all). Rows without retrieved text (LLaVA's
-   pretrain stage) are left out of the rank term; with none in the batch the term is
-   skipped, never NaN.
+4. ``loss_terms``: the two terms of the section's ``formula``, in torch, so both carry
+   gradients to the projector: ``tga/pair`` (alignment: ``paper`` sum over layers of
+   -cos(img, cap); ``reference`` mean exp(-cos(img, cap))) and ``tga/rank`` (ranking:
+   ``paper`` sum over layers of softplus(cos(ret, cap) - cos(img, cap)); ``reference``
+   mean exp(cos(ret, cap) - cos(img, cap))), each times its weight and schedule factor
+   (:func:`~.config.effective_settings`). Their unweighted values are logged under the
+   formula's own names, ``tga/paper/pair`` ... or ``tga/reference/pair`` ..., also with
+   ``schedule: none`` (the released code's training: terms logged, not trained; its
+   ``math.exp`` gives no gradient). Rows without retrieved text (LLaVA's pretrain
+   stage) are left out of the rank term; with none in the batch the term is skipped,
+   never NaN.
 5. the capture's hooks are removed by the runtime after ``loss_terms``, also when the
    forward raised (no ``step_end`` needed).
 """
@@ -44,7 +49,7 @@ from ...errors import ConfigError, GradientError, LVLMSafetyError
 from ...markers import hookimpl
 from ..base import Method
 from ..layers import parse_layers
-from .config import CaptionContext, Schedule, TGAConfig
+from .config import CaptionContext, Formula, Schedule, TGAConfig, effective_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     from ...adapters.base import ModelAdapter
@@ -64,15 +69,16 @@ def _norm(text: str) -> str:
 
 def schedule_factors(schedule: Schedule | str, progress: float) -> tuple[float, float]:
     """(pair factor, rank factor) at ``progress`` = step / max_steps."""
-    name = schedule.name if isinstance(schedule, Schedule) else str(schedule)
+    try:
+        schedule = schedule if isinstance(schedule, Schedule) else Schedule[str(schedule)]
+    except KeyError:
+        raise ConfigError(f"unknown schedule {schedule!r}; valid: decay (also named paper), constant, none") from None
     r = min(max(float(progress), 0.0), 1.0)
-    if name == "paper":
+    if schedule is Schedule.decay:
         return 1.0 - r, (1.0 - r) ** 2
-    if name == "constant":
+    if schedule is Schedule.constant:
         return 1.0, 1.0
-    if name == "none":
-        return 0.0, 0.0
-    raise ConfigError(f"unknown schedule {name!r}; valid: paper, constant, none")
+    return 0.0, 0.0  # none
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -87,24 +93,39 @@ def tga_terms(
     *,
     valid: torch.Tensor | None = None,
     ret_valid: torch.Tensor | None = None,
+    formula: Formula | str = Formula.paper,
 ) -> dict[str, torch.Tensor]:
     """The two unweighted TGA terms from pooled states of shape ``[layers, batch, hidden]``.
 
-    ``pair`` = mean over layers and valid rows of exp(-cos(img, cap));
-    ``rank`` = mean over layers and rows with retrieved text of
-    exp(cos(ret, cap) - cos(img, cap)). A term with no rows is left out.
+    ``formula="paper"`` (arXiv 2410.12662's equation), summed over layers and averaged
+    over the valid rows: ``pair`` = sum_l mean_b -cos(img, cap), ``rank`` = sum_l mean_b
+    softplus(cos(ret, cap) - cos(img, cap)) (= log(1 + exp(-(cos(img, cap) - cos(ret, cap)))),
+    computed stably) over the rows with retrieved text.
+
+    ``formula="reference"`` (the released code's), averaged over layers and rows:
+    ``pair`` = mean exp(-cos(img, cap)), ``rank`` = mean exp(cos(ret, cap) - cos(img, cap)).
+
+    A term with no rows is left out (never NaN); ``cos_img_cap`` is the mean cosine
+    (detached).
     """
+    try:
+        formula = formula if isinstance(formula, Formula) else Formula[str(formula)]
+    except KeyError:
+        raise ConfigError(f"unknown formula {formula!r}; valid: paper, reference") from None
     cos_ic = F.cosine_similarity(_compute_dtype(img), _compute_dtype(cap).to(img.device), dim=-1)  # [L, B]
     valid = torch.ones(cos_ic.shape[1], dtype=torch.bool, device=cos_ic.device) if valid is None else valid.to(cos_ic.device)
+    paper = formula is Formula.paper
     out: dict[str, torch.Tensor] = {}
     if bool(valid.any()):
-        out["pair"] = torch.exp(-cos_ic[:, valid]).mean()
+        pair = -cos_ic[:, valid] if paper else torch.exp(-cos_ic[:, valid])
+        out["pair"] = pair.mean(dim=1).sum() if paper else pair.mean()
         out["cos_img_cap"] = cos_ic[:, valid].detach().mean()
     if ret is not None:
         rv = valid if ret_valid is None else (ret_valid.to(cos_ic.device) & valid)
         if bool(rv.any()):
             cos_rc = F.cosine_similarity(_compute_dtype(ret), _compute_dtype(cap).to(ret.device), dim=-1)
-            out["rank"] = torch.exp(cos_rc[:, rv] - cos_ic[:, rv]).mean()
+            margin = cos_rc[:, rv] - cos_ic[:, rv]
+            out["rank"] = F.softplus(margin).mean(dim=1).sum() if paper else torch.exp(margin).mean()
     return out
 
 
@@ -349,16 +370,19 @@ class TGA(Method):
             )
         ret = capture.stacked("ret") if "ret" in capture.masks else None
         ret_valid = capture.masks["ret"].any(dim=1) if "ret" in capture.masks else None
-        raw = tga_terms(img, ctx.scratch["tga_cap"].to(img.device), ret, valid=ctx.scratch["tga_valid"], ret_valid=ret_valid)
-        a, b = schedule_factors(self.config.schedule, ctx.progress)
+        settings = effective_settings(self.config)
+        raw = tga_terms(img, ctx.scratch["tga_cap"].to(img.device), ret, valid=ctx.scratch["tga_valid"],
+                        ret_valid=ret_valid, formula=settings.formula)
+        a, b = schedule_factors(settings.schedule, ctx.progress)
         ctx.metrics["tga/schedule"] = a
         if "cos_img_cap" in raw:
             ctx.metrics["tga/cos_img_cap"] = float(raw["cos_img_cap"])
         terms: dict[str, torch.Tensor] = {}
-        if "pair" in raw:
-            terms["tga/pair"] = float(self.config.pair_weight) * a * raw["pair"]
-        if "rank" in raw:
-            terms["tga/rank"] = float(self.config.rank_weight) * b * raw["rank"]
+        for name, weight, factor in (("pair", settings.pair_weight, a), ("rank", settings.rank_weight, b)):
+            if name in raw:
+                # the unweighted value under the formula's own name: logged whatever the schedule
+                ctx.metrics[f"tga/{settings.formula.name}/{name}"] = float(raw[name].detach())
+                terms[f"tga/{name}"] = weight * factor * raw[name]
         return terms
 
-__all__ = ["TGA", "find_subsequence", "locate_text", "schedule_factors", "tga_terms"]
+__all__ = ["TGA", "effective_settings", "find_subsequence", "locate_text", "schedule_factors", "tga_terms"]
