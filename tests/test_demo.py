@@ -251,7 +251,8 @@ def test_two_stages_train_what_they_should_and_only_tga_arms_see_retrieved_text(
     assert all("Retrieved Text:" not in r["prompt"] for name in ("text", "stage1", "stage2/baseline") for r in rows[name])
     for arm in ("tga", "tga_reference", "tga_released"):
         image_rows = [r for r in rows[f"stage2/{arm}"] if r["image"]]
-        assert image_rows and all(r["prompt"].startswith("USER: Retrieved Text: ") for r in image_rows), arm
+        assert image_rows and all(r["prompt"].startswith("Retrieved Text: ") and r["prompt"].endswith("<image> ASSISTANT:")
+                                  for r in image_rows), arm
         assert any(not r["image"] for r in rows[f"stage2/{arm}"])  # text-only rows mixed in
         assert all("Retrieved Text:" not in r["prompt"] for r in rows[f"stage2/{arm}"] if not r["image"])
     refusal = REFUSAL.split()[0]
@@ -263,7 +264,7 @@ def test_two_stages_train_what_they_should_and_only_tga_arms_see_retrieved_text(
     # the leak guard: no row was handed its own caption as the retrieved text
     for r in rows["stage2/tga"]:
         if r["image"]:
-            inserted = r["prompt"].split("Retrieved Text: ", 1)[1].split(". <image>", 1)[0]
+            inserted = r["prompt"].split("Retrieved Text: ", 1)[1].split(". USER:", 1)[0]
             assert inserted and inserted != r["image_caption"], r
     assert record["retrieval"]["excluded_own"] > 0 and record["retrieval"]["annotated"] == record["retrieval"]["records"]
 

@@ -66,6 +66,10 @@ TGA_ARMS: dict[str, tuple[str, ...]] = {
     "tga_reference": ("tga.formula=reference",),
     "tga_released": ("tga.formula=reference", "tga.schedule=none"),
 }
+#: where the TGA plugin puts the retrieved text: before the first user turn, as the
+#: released code does (the plugin's default, right before the image placeholder, would
+#: split this world's instructions, whose image stands last)
+TGA_PLACEMENT = ("tga.image_placeholder='USER:'",)
 #: the arms trained in stage 2 (the others steer a trained arm's model)
 TRAINED = ("baseline", *TGA_ARMS)
 #: what each CMRM arm steers
@@ -506,7 +510,7 @@ def run_seed(seed: int, size: DemoSize, workdir: Path, overrides: Mapping[str, S
             model.load_state_dict(stage1)
             runtime = None
             if arm in TGA_ARMS:
-                runtime = Runtime(TGA_RECIPE, overrides=[*tga_arm_overrides(arm), *overrides["tga"]], model=model,
+                runtime = Runtime(TGA_RECIPE, overrides=[*TGA_PLACEMENT, *tga_arm_overrides(arm), *overrides["tga"]], model=model,
                                   processor=processor)
             logged: list[dict] = []
             train(model, processor, with_text if arm in TGA_ARMS else image_rows, part="projector+llm",
