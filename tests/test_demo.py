@@ -276,3 +276,25 @@ def test_one_machine_gives_identical_numbers_for_a_seed_run_twice(tmp_path):
     second = run_demo(quick=True, concepts=4, jobs=1, out=tmp_path / "two")
     assert first["per_seed"][0]["methods"] == second["per_seed"][0]["methods"]
     assert first["provenance"]["cpu"] and first["provenance"]["torch"] == torch.__version__
+
+
+def test_plain_summary_says_in_words_what_the_numbers_show():
+    """The closing sentences come from the numbers: the baseline's gap, each method's
+    effect on both kinds (a side effect included), its goal count and the time."""
+    keys = ["text_refusal_harmful", "text_described_refusal_harmful", "a_refusal_harmful", "a_refusal_benign",
+            "b_refusal_harmful", "b_refusal_benign", "caption_accuracy", "text_refusal_benign"]
+    rates = {"baseline": [1.0, 0.95, 0.40, 0.0, 0.30, 0.0, 0.9, 0.0], "tga": [1.0, 0.95, 0.42, 0.0, 0.31, 0.0, 0.7, 0.0],
+             "tga_reference": [1.0, 0.95, 0.40, 0.0, 0.30, 0.0, 0.9, 0.0],
+             "tga_released": [1.0, 0.95, 0.40, 0.0, 0.30, 0.0, 0.9, 0.0],
+             "cmrm": [1.0, 0.95, 0.10, 0.0, 0.99, 0.0, 0.9, 0.0], "tga_then_cmrm": [1.0, 0.95, 0.1, 0.0, 0.97, 0.0, 0.7, 0.0]}
+    per_seed = [{"seed": 0, "methods": {m: dict(zip(keys, v)) for m, v in rates.items()}, "timings": {"stage 1": 10.0}}]
+    report = {"summary": summarize(per_seed), "goals": goals(per_seed), "per_seed": per_seed, "seconds": 42.0}
+    lines = plain_summary(report)
+    assert lines[0].startswith("Without a method the text LLM refuses 1.00") and "(kind a) the fine-tuned model refuses 0.40" in lines[0]
+    tga = next(line for line in lines if line.startswith("tga "))
+    assert "did not change kind (a) harmful refusals (0.40 -> 0.42)" in tga and "met on 0 of 1 seeds" in tga
+    assert "captions 0.70 (baseline 0.90)" in tga
+    cmrm = next(line for line in lines if line.startswith("cmrm "))
+    assert "raised kind (b) harmful refusals (0.30 -> 0.99)" in cmrm and "met on 1 of 1 seeds" in cmrm
+    assert "lowered kind (a) harmful refusals (0.40 -> 0.10)" in cmrm  # the side effect is said
+    assert lines[-1] == "Time: 42 s in all; per seed on average stage 1 10 s."

@@ -351,12 +351,14 @@ def provenance(processes: int) -> dict[str, Any]:
 
 
 def _text_stage(seed: int, size: DemoSize, concepts: int | None, desc: str,
-                trace: list[dict] | None = None) -> tuple[World, Any, Any]:
+                trace: list[dict] | None = None, on_world: Callable[[], None] | None = None) -> tuple[World, Any, Any]:
     n = concepts or size.concepts
     # at least two seen concepts of each kind: a kind (b) image is of another seen benign concept
     world = World(WorldConfig(seed=seed, image_size=size.image_size, split_sizes=size.split_sizes, concepts=n,
                               held_out=max(0, min(size.held_out, n - 2))))
     model, processor = build_model(world, size, seed)
+    if on_world is not None:
+        on_world()
     train(model, processor, world.text_instructions(), part="llm", steps=size.text_steps, batch_size=32, lr=TEXT_LR,
           seed=seed, desc=desc, trace=trace)
     return world, model, processor
@@ -473,7 +475,7 @@ def run_seed(seed: int, size: DemoSize, workdir: Path, overrides: Mapping[str, S
     update("world")
     try:
         world, model, processor = timed("text LLM", lambda: _text_stage(seed, size, concepts, f"seed {seed}: text LLM",
-                                                                         traced("text")))
+                                                                         traced("text"), lambda: update("text LLM")))
         snapshot("text")
         text = text_metrics(model, processor, world)
         update("stage 1")
