@@ -298,3 +298,15 @@ def test_plain_summary_says_in_words_what_the_numbers_show():
     assert "raised kind (b) harmful refusals (0.30 -> 0.99)" in cmrm and "met on 1 of 1 seeds" in cmrm
     assert "lowered kind (a) harmful refusals (0.40 -> 0.10)" in cmrm  # the side effect is said
     assert lines[-1] == "Time: 42 s in all; per seed on average stage 1 10 s."
+
+
+def test_the_default_run_is_the_registered_test_seeds_and_quick_is_not():
+    """`lvlm-safety demo` runs exactly the seeds docs/demo-preregistration.md registers;
+    --quick (CI) and development (seeds >= 100, validation splits) never run them."""
+    from pathlib import Path
+
+    from lvlm_safety_plugins.demo.run import FIRST_DEV_SEED, QUICK_SEED
+
+    registered = Path(__file__).resolve().parents[1] / "docs" / "demo-preregistration.md"
+    assert "**" + ", ".join(str(s) for s in TEST_SEEDS) + "**" in registered.read_text()
+    assert QUICK_SEED not in TEST_SEEDS and QUICK_SEED < FIRST_DEV_SEED < min(TEST_SEEDS)
