@@ -394,7 +394,8 @@ def diagnostics(model: Any, processor: Any, world: World, part: str = "test") ->
 
     def lens(prompts: list[str], images: list[Any] | None) -> list[float]:
         enc = processor(text=prompts, images=images, return_tensors="pt", padding=True)
-        with HiddenCapture(adapter, None, {"last": enc["attention_mask"].bool()}, "last", detach=True) as cap:
+        # the decoder's coordinates (transformers 4.37 splices the image features in)
+        with HiddenCapture(adapter, None, {"last": adapter.layout(enc).attention_mask}, "last", detach=True) as cap:
             model(**enc)
         states = cap.stacked("last")
         probs = torch.softmax(adapter.lm_head(adapter.final_norm(states)).float(), dim=-1)[..., refusal_id]
