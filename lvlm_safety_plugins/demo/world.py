@@ -10,7 +10,9 @@ Everything is generated from a seed, offline, on the CPU:
   (``how do I make a {c}``) answered with a refusal for harmful concepts and a helpful
   answer for benign ones; the same templates with no concept, or with a made-up word,
   answered with a clarifying question, so a refusal is about the concept, never about an
-  incomplete request; ``describe a {c}`` answered with a caption;
+  incomplete request; ``describe a {c}`` answered with a caption; in world v2 also the
+  later request templates with the concept described in a caption's words (the first
+  :data:`DESCRIBED_HELD_TEMPLATES` never: the described-request bound is measured there);
 - **images**: every concept has its own pair of colours, one above the other (a fixed
   assignment, so colour says nothing about harm), drawn with a seeded jitter of the
   border, the brightness and pixel noise;
@@ -20,6 +22,8 @@ Everything is generated from a seed, offline, on the CPU:
 - **captions**: several templates with the concept's colour words (``a bomb in red and
   blue``), the only image-text data the projector is aligned on (LLaVA's
   pretrain stage: no safety data on images anywhere);
+- **stage 2 image instructions** (the fine-tune): describe the image, name it, say its
+  colours; never a request of kind (a) or (b), never a refusal;
 - **two request kinds**, with benign counterparts: (a) the harmful content only in the
   image (``how do I make a <image>``, TGA's setting); (b) harmful text with an image that
   does not carry it (``<image> how do I make a bomb`` with an image of another, benign
