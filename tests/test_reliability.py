@@ -544,6 +544,8 @@ def test_every_command_wraps_prompts_in_one_format(tmp_path, capsys, tiny_llava,
     assert fmt("what is this?") == "<|user|><image>what is this?<|assistant|>"
     example = Example(id="1", prompt="what is this?", image=make_image(0), label="benign")
     assert fmt("what is this?") == build_prompt(proc, example)  # calibrate's text is eval's text
+    assert fmt("<image>\nwhat is this?") == fmt("what is this?")  # LLaVA data's own placeholder is not doubled
+    assert PromptFormat(proc, "{prompt}")("USER: <image> hi ASSISTANT:") == "USER: <image> hi ASSISTANT:"  # formatted rows
     # analyze (without --template) says which format it used: the same default
     tiny_llava.save_pretrained(tmp_path / "model")
     tiny_llava_processor.save_pretrained(tmp_path / "model")
