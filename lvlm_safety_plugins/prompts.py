@@ -78,6 +78,17 @@ class PromptFormat:
         self.name = prompt_format(processor, template)
 
     def __call__(self, prompt: str, image: bool = True) -> str:
+        """``prompt`` in this format. An image placeholder already in ``prompt`` (LLaVA
+        data writes ``<image>\\n`` into the first human turn) is dropped when the format
+        places the image itself (a chat template, the LLaVA-1.5 format, or a template
+        with ``<image>``), so the image is never announced twice; with a template
+        without ``<image>`` (``'{prompt}'`` for prompts that are already formatted) the
+        prompt keeps it."""
+        from .evaluation.generate import image_token
+
+        token = image_token(self.processor)
+        if token in prompt and (self.template is None or "<image>" in self.template or token in self.template):
+            prompt = prompt.replace(f"{token}\n", "").replace(token, "").strip()
         return format_prompt(self.processor, prompt, self.template, image)
 
     def __repr__(self) -> str:

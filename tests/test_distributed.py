@@ -47,7 +47,8 @@ def test_sharded_calibration_equals_single_process(tmp_path):
     out = tmp_path / "vectors.safetensors"
 
     proc = torchrun(["-m", "lvlm_safety_plugins.cli", "calibrate", "--recipe", "cmrm_llava15_dataset", "cmrm.layers=0-3",
-                     "cmrm.batch_size=2", "--model", str(model_dir), "--data", str(data), "--out", str(out)], cwd=tmp_path)
+                     "cmrm.batch_size=2", "--model", str(model_dir), "--data", str(data), "--out", str(out),
+                     "--template", "{prompt}"], cwd=tmp_path)  # the rows are formatted already
     assert proc.stdout.count("wrote ") == 1  # one process reports and writes
     sharded = SteeringVectors.load(out)
     assert sharded.samples == 7

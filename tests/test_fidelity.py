@@ -155,7 +155,8 @@ def test_sequential_vectors_refuse_another_alpha_layers_or_positions(tmp_path, t
         steer(tiny_llava, loaded, alpha=1.0, strict=False).__enter__().remove()
     assert any("cmrm.alpha" in str(w.message) for w in caught)
     # through a recipe: the error names the key, the file and the fix
-    rt = Runtime(load_recipe("cmrm_llava15_dataset", [f"cmrm.vectors={path}", "cmrm.layers=1-3", "cmrm.alpha=1.0"]),
+    rt = Runtime(load_recipe("cmrm_llava15_dataset", [f"cmrm.vectors={path}", "cmrm.layers=1-3", "cmrm.alpha=1.0",
+                                                      "cmrm.reference=none"]),  # as calibrated (Cfg), so alpha is the problem
                  model=tiny_llava)
     with pytest.raises(Exception, match=r"v\.safetensors: cmrm\.alpha.*recalibrate"):
         with rt.steering():

@@ -87,7 +87,7 @@ def test_fold_refuses_a_nan_alpha_and_leaves_the_weights_alone(tiny_llava):
         fold_into_weights(tiny_llava, nan_vec)
     after = state(tiny_llava)
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert all(tiny_llava.get_decoder().layers[i].mlp.down_proj.bias is None for i in range(4))
+    assert all(get_adapter(tiny_llava).decoder_layers[i].mlp.down_proj.bias is None for i in range(4))
 
 
 def test_add_vectors_refuses_non_finite_vectors_and_scales(tiny_llava, tiny_llava_processor):
@@ -245,7 +245,7 @@ def test_eval_regenerates_when_the_vector_file_or_the_weights_change(tmp_path, t
     # other weights in the same model (same name, same config)
     other = copy.deepcopy(tiny_llava)
     with torch.no_grad():
-        other.get_decoder().layers[0].mlp.down_proj.weight.mul_(1.5)
+        get_adapter(other).decoder_layers[0].mlp.down_proj.weight.mul_(1.5)
     base = [RunSpec("base")]
     evaluate(tiny_llava, tiny_llava_processor, spec, base, tmp_path / "G", **kw)
     swapped = evaluate(other, tiny_llava_processor, spec, base, tmp_path / "G", **kw)
@@ -447,6 +447,9 @@ def test_calibrate_records_the_common_prompt_format_and_eval_refuses_another(tmp
     chat = prompt_format(tiny_llava_processor)  # the tiny processor has no chat template: LLaVA-1.5's format
     assert chat == "llava-1.5 'USER: <image>\\n{prompt} ASSISTANT:'" and f"prompt format: {chat}" in capsys.readouterr().out
     assert vectors_format(out) == chat
+    from lvlm_safety_plugins.loading import load_model_and_processor
+
+    tiny_llava, tiny_llava_processor = load_model_and_processor(tmp_path / "model")  # the model calibrate saw
     spec = [BenchmarkSpec("jsonl", str(_bench(tmp_path / "b")))]
     run = [RunSpec.parse(f"cmrm@cmrm_llava15_dataset cmrm.vectors={out} cmrm.layers=0-1 cmrm.composition=independent")]
     kw = dict(progress=False, plot=False, model_id="tiny")
@@ -544,6 +547,8 @@ def test_every_command_wraps_prompts_in_one_format(tmp_path, capsys, tiny_llava,
     assert fmt("what is this?") == "<|user|><image>what is this?<|assistant|>"
     example = Example(id="1", prompt="what is this?", image=make_image(0), label="benign")
     assert fmt("what is this?") == build_prompt(proc, example)  # calibrate's text is eval's text
+    assert fmt("<image>\nwhat is this?") == fmt("what is this?")  # LLaVA data's own placeholder is not doubled
+    assert PromptFormat(proc, "{prompt}")("USER: <image> hi ASSISTANT:") == "USER: <image> hi ASSISTANT:"  # formatted rows
     # analyze (without --template) says which format it used: the same default
     tiny_llava.save_pretrained(tmp_path / "model")
     tiny_llava_processor.save_pretrained(tmp_path / "model")
@@ -583,8 +588,11 @@ def test_the_adapter_locates_projector_and_decoder_layers_for_a_reference_hook(t
         for h in hooks:
             h.remove()
     assert torch.equal(seen["layer"], out.hidden_states[2])  # layer l's output is hidden_states[l + 1]
-    image_states = out.hidden_states[0][batch["input_ids"] == adapter.image_token_id]
-    assert torch.allclose(seen["projector"].reshape(-1, adapter.hidden_size), image_states)
+    # every projector output row is an image feature the decoder receives (in any version's layout)
+    decoder_input = out.hidden_states[0].reshape(-1, adapter.hidden_size)
+    projected = seen["projector"].reshape(-1, adapter.hidden_size)
+    gaps = torch.cdist(projected, decoder_input).min(dim=1).values
+    assert projected.shape[0] >= 2 and float(gaps.max()) < 1e-4  # cdist rounds; other rows are ~1 away
 
 
 def test_an_interrupt_in_the_middle_of_a_write_leaves_the_old_file(tmp_path):

@@ -235,6 +235,7 @@ def test_calibrate_sweep_cli_on_eval_harness_data(tmp_path, tiny_llava, tiny_lla
         chosen = SteeringVectors.load(out / "vectors.safetensors")
         assert f"chosen: cmrm.alpha={data['chosen']['alpha']:g} cmrm.layers=1-2 cmrm.apply_to=prompt cmrm.variant=dataset" in res.stdout
         assert chosen.alpha == [data["chosen"]["alpha"]] * 2 and chosen.layers == [1, 2]
+        assert chosen.extra["prompt_format"].startswith("template ")  # the --template calibration used, which eval checks
     # a sample-level recipe stays sample level without --variant-choice: nothing calibrated, no vector file
     sample_cmd = [c for c in cmd if c not in ("--variant-choice", "dataset", "sample")]
     sample_cmd[sample_cmd.index("cmrm_llava15_dataset")] = "cmrm_llava15_sample"

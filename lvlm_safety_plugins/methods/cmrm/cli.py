@@ -75,7 +75,6 @@ def _cmd_sweep(args: argparse.Namespace, recipe: Any) -> int:
     """``calibrate --sweep``: every alpha x layers (x positions x phase x variant x reference) setting
     calibrated and measured on the validation benchmarks; the chosen setting's vectors go
     to OUT/vectors.safetensors (a sample-level choice has none)."""
-    import shutil
     from pathlib import Path
 
     from ...errors import LVLMSafetyError
@@ -124,8 +123,13 @@ def _cmd_sweep(args: argparse.Namespace, recipe: Any) -> int:
         print(f"chosen: {' '.join(result.chosen.overrides)}")
     else:
         c = result.chosen
+        from ...prompts import FORMAT_KEY
+        from .vectorfile import SteeringVectors
+
         target = out / "vectors.safetensors"
-        shutil.copyfile(vectors_file(work, c.layers, c.alpha, c.positions, c.apply_to, c.reference), target)
+        chosen = SteeringVectors.load(vectors_file(work, c.layers, c.alpha, c.positions, c.apply_to, c.reference))
+        chosen.extra[FORMAT_KEY] = fmt.name  # the calibration prompts' format, which eval checks
+        chosen.save(target)
         print(f"chosen: {' '.join(c.overrides)} cmrm.vectors={target}")
     for path in files.values():
         if path:
