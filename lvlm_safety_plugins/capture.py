@@ -67,12 +67,23 @@ def run_to_layer(adapter: "ModelAdapter", model: torch.nn.Module, last: int, **i
         return model(**inputs, use_cache=False)
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch.Tensor:
+def last_masked(mask: torch.Tensor) -> torch.Tensor:
+    """``[B]``: each row's last True position of ``mask [B, L]`` (-1 for an empty row)."""
+    idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), idx, torch.full_like(idx, -1)).max(dim=1).values
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str = "mean", *, last: torch.Tensor | None = None) -> torch.Tensor:
     """Pool ``hidden [B, L, H]`` over the True positions of ``mask [B, L]``.
 
     ``mean``: the average over the masked positions (zeros for an empty row);
-    ``last``: the state at each row's last masked position (zeros for an empty row).
+    ``last``: the state at each row's last masked position (zeros for an empty row;
+    ``last`` may pass :func:`last_masked` of ``mask`` computed once for many layers).
     """
+    if how == "last" and last is not None:
+        last = last.to(hidden.device)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, last.clamp(min=0)] * (last >= 0).to(hidden.dtype).unsqueeze(-1)
     m = mask.to(hidden.device)
     if how == "mean":
         weights = m.to(hidden.dtype).unsqueeze(-1)
@@ -80,12 +91,7 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch.T
         count = m.sum(dim=1, keepdim=True).clamp(min=1).to(hidden.dtype)
         return total / count
     if how == "last":
-        L = m.shape[1]
-        idx = torch.arange(L, device=m.device).expand_as(m)
-        last = torch.where(m, idx, torch.full_like(idx, -1)).max(dim=1).values
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        picked = hidden[rows, last.clamp(min=0)]
-        return picked * (last >= 0).to(hidden.dtype).unsqueeze(-1)
+        return pool(hidden, m, how, last=last_masked(m))
     raise CaptureError(f"unknown pooling {how!r}; valid: {', '.join(POOLINGS)}")
 
 
@@ -127,6 +133,7 @@ class HiddenCapture:
         self.adapter = adapter
         self.layers = _capture_layers(adapter, layers, pooling)
         self.masks: dict[str, torch.Tensor] = {}
+        self._last: dict[str, torch.Tensor] = {}
         self.pooling = pooling
         self.detach = detach
         self.on_mismatch = on_mismatch
@@ -145,6 +152,7 @@ class HiddenCapture:
             if mask.dim() != 2:
                 raise CaptureError(f"mask {name!r} must be [batch, length], got shape {tuple(mask.shape)}")
         self.masks = {k: v.bool() for k, v in masks.items()}
+        self._last = {k: last_masked(v) for k, v in self.masks.items()} if self.pooling == "last" else {}
         self._pooled = {k: {} for k in self.masks}
         self._raw = {}
 
@@ -155,7 +163,7 @@ class HiddenCapture:
             raw, self._raw = self._raw, {}
             for layer, hidden in raw.items():
                 for name, mask in self.masks.items():
-                    self._pooled[name][layer] = pool(hidden, mask, self.pooling)
+                    self._pooled[name][layer] = pool(hidden, mask, self.pooling, last=self._last.get(name))
         return self._pooled
 
     def _hook(self, layer: int):
@@ -178,7 +186,8 @@ class HiddenCapture:
                 return
             self._raw.pop(layer, None)
             for name, mask in self.masks.items():
-                self._pooled[name][layer] = pool(hidden.detach() if self.detach else hidden, mask, self.pooling)
+                self._pooled[name][layer] = pool(hidden.detach() if self.detach else hidden, mask, self.pooling,
+                                                 last=self._last.get(name))
 
         return hook
 

@@ -33,7 +33,7 @@ import torch
 
 from ... import compat
 from ...adapters import ModelAdapter, get_adapter
-from ...capture import pool, run_to_layer
+from ...capture import last_masked, pool, run_to_layer
 from ...errors import ConfigError, LVLMSafetyError
 from ...steering import SteeringHandle, SteeringStep, unsteered, vector_edit
 from ...steering import apply as apply_edit
@@ -152,7 +152,11 @@ class _SampleShift:
             text = step.memory.get("cmrm_text")
             if text is None or step.layout is None:
                 raise LVLMSafetyError(f"CMRM sample level: no shift for layer {layer} (the prompt forward did not reach it)")
-            pooled = pool(hidden.detach().float(), measure_mask(step.layout, self.measure_at), self.measure_at)
+            where = step.memory.get("cmrm_where")
+            if where is None:  # once per prefill, for every layer
+                mask = measure_mask(step.layout, self.measure_at)
+                where = step.memory["cmrm_where"] = (mask, last_masked(mask) if self.measure_at == "last" else None)
+            pooled = pool(hidden.detach().float(), where[0], self.measure_at, last=where[1])
             shift = shifts[layer] = pooled - text[self.layers.index(layer)]
         return (-self.alpha[layer] * shift).to(hidden.device, hidden.dtype).unsqueeze(1)
 
