@@ -49,7 +49,7 @@ def build(shape: str, layers: int, device: str) -> tuple[Any, Any]:
     from lvlm_safety_plugins.testing import build_tiny_llava, build_tiny_llava_processor
 
     if shape == "quick":
-        return build_tiny_llava(hidden_size=128, num_layers=layers).to(device).eval(), build_tiny_llava_processor()
+        return build_tiny_llava(hidden_size=64, num_layers=layers).to(device).eval(), build_tiny_llava_processor()
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     from lvlm_safety_plugins.compat import clip_image_processor_class, llava_processor_kwargs
@@ -130,8 +130,7 @@ def calibration_throughput(shape: str, layers: int, rows: list[dict[str, Any]], 
         "independent": timed(lambda: calibrate(model, processor, rows, config(composition="independent"), progress=False), device),
         "sequential": timed(lambda: calibrate(model, processor, rows, config(composition="sequential"), progress=False), device),
     }
-    for fn in cases.values():
-        fn()  # warm up
+    calibrate(model, processor, rows[:8], config(composition="sequential"), progress=False)  # warm up
     times = interleaved_median(cases, repeats)
     results = {f"{layers} layers/{case}": {"calibration_throughput": n / t} for case, t in times.items()}
     del model
@@ -160,8 +159,6 @@ def sweep_rows(shape: str, layers: int, rows: list[dict[str, Any]], device: str,
         "calibration": timed(lambda: calibrate(model, processor, rows, config(alpha=alphas[-1]), progress=False), device),
         f"sweep-{settings}": timed(sweep, device),
     }
-    for fn in cases.values():
-        fn()
     times = interleaved_median(cases, repeats)
     results = {case: {"time": t} for case, t in times.items()}
     out = make_rows(results, {"time": "s"}, baseline="calibration")
@@ -208,7 +205,7 @@ def prefill_rows(shape: str, layers: int, device: str, repeats: int) -> list[dic
 def main() -> None:
     parser = benchmark_parser(__doc__, "tiny Llava shapes on the CPU, few rows and repeats (under 60 s on 2 CPU cores)")
     parser.add_argument("--shape", choices=("quick", "llava7b"), default="quick",
-                        help="quick: a tiny Llava (128 wide); llava7b: LLaVA-1.5-7B's shapes, random fp16 weights")
+                        help="quick: a tiny Llava (64 wide); llava7b: LLaVA-1.5-7B's shapes, random fp16 weights")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     args = parser.parse_args()
 

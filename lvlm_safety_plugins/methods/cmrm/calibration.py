@@ -242,6 +242,19 @@ class StateStore:
         """Batch ``i``'s states (on the model's device) and its layer call as kept."""
         return self._hidden[i].to(self.device), self._calls[i]
 
+    def replace(self, i: int, hidden: torch.Tensor) -> None:
+        """Put ``hidden`` (any shape) in batch ``i``'s place, in the same tier."""
+        if self._tiers[i] == "device":
+            self._hidden[i] = hidden
+        elif self._tiers[i] == "cpu":
+            self._hidden[i] = hidden.to("cpu", copy=True)
+        else:
+            assert self._dir is not None
+            path = os.path.join(self._dir, f"{i}.{hidden.numel()}.bin")
+            kept = torch.from_file(path, shared=True, size=hidden.numel(), dtype=hidden.dtype).view(hidden.shape)
+            kept.copy_(hidden)
+            self._hidden[i] = kept
+
     def set(self, i: int, hidden: torch.Tensor) -> None:
         """Replace batch ``i``'s states (same shape and dtype)."""
         if self._tiers[i] == "device":
@@ -290,15 +303,27 @@ def _decoder_input(adapter: Any, model: torch.nn.Module, inputs: Mapping[str, An
     return seen[0], calls[0]
 
 
-def _steer_states(hidden: torch.Tensor, mask: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``hidden + delta`` at the True positions of ``mask``, as the steering primitive
-    adds an edit (the same arithmetic, so the states match a steered forward)."""
-    if not bool(mask.any()):
-        return hidden
-    delta = delta.to(hidden.device, hidden.dtype)
-    if bool(mask.all()):
-        return hidden + delta
-    return hidden + delta * mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
+class _Steered:
+    """Where one batch's states are steered: the prompt positions' mask as the steering
+    primitive applies an edit (nothing, everything, or ``delta * weight``), worked out
+    once for every layer."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+        self.any, self.all = bool(mask.any()), bool(mask.all())
+        self._weight: torch.Tensor | None = None
+
+    def apply(self, hidden: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``hidden + delta`` at the steered positions (the primitive's arithmetic, so
+        the states match a steered forward)."""
+        if not self.any:
+            return hidden
+        delta = delta.to(hidden.device, hidden.dtype)
+        if self.all:
+            return hidden + delta
+        if self._weight is None or self._weight.dtype != hidden.dtype or self._weight.device != hidden.device:
+            self._weight = self.mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
+        return hidden + delta * self._weight
 
 
 class PreparedCalibration:
@@ -358,11 +383,26 @@ class PreparedCalibration:
         ``keep``: leave the prepared states as they are (another calibration follows)
         and keep a checkpoint at the first of ``layers``; otherwise the states are
         advanced in place."""
+        return self.vectors_for([alpha], layers, positions, keep=keep, tick=tick)[0]
+
+    def vectors_for(self, alphas: Sequence[Mapping[int, float]], layers: Sequence[int], positions: frozenset[str], *,
+                    keep: bool = False, tick: Callable[[int], Any] = lambda n: None) -> list[dict[int, torch.Tensor]]:
+        """:meth:`vectors` for several alphas on the same layers at once: up to the
+        first steered layer the states are shared; after it each batch's rows are
+        repeated once per alpha and called through the layers together (when the
+        layer arguments can be repeated along the batch: :func:`compat.repeat_batch
+        <lvlm_safety_plugins.compat.repeat_batch>`; otherwise one alpha at a time)."""
         from ...distributed import is_distributed
 
+        n = len(alphas)
+        if n > 1 and any(compat.repeat_batch(self.inputs.call(i), int(self.layouts[i].attention_mask.shape[0]), n) is None
+                         for i in range(min(1, len(self.inputs)))):
+            return [self.vectors_for([a], layers, positions, keep=keep, tick=tick)[0] for a in alphas]
         chosen = list(layers)
         decoder = self.adapter.decoder_layers
-        steered = [prompt_mask(layout, positions) for layout in self.layouts]
+        masks = [prompt_mask(layout, positions) for layout in self.layouts]
+        steered = [_Steered(m) for m in masks]
+        wide = [_Steered(m.repeat(n, 1)) for m in masks] if n > 1 else steered
         first = chosen[0]
         if keep and self.checkpoint is not None and self.checkpoint[0] <= first:
             source, done = self.checkpoint[1], self.checkpoint[0]
@@ -371,37 +411,56 @@ class PreparedCalibration:
         saving = keep and (self.checkpoint is None or self.checkpoint[0] != first)
         save = StateStore(self.store, self.device, folder=self.store_folder) if saving else None
         work = StateStore(self.store, self.device, folder=self.store_folder) if keep else self.inputs
-        vectors: dict[int, torch.Tensor] = {}
-        delta = None
+        found: list[dict[int, torch.Tensor]] = [{} for _ in alphas]
+        delta: torch.Tensor | None = None  # [n * B, 1, H] per batch, built from [n, H]
         try:
             with unsteered():
                 for index, layer in enumerate(chosen):
-                    image = ShiftAccumulator([layer], self.adapter.hidden_size)
+                    rows = 1 if index == 0 else n  # before the first edit every alpha sees the same states
+                    image = ShiftAccumulator(list(range(rows)), self.adapter.hidden_size)
+                    total: torch.Tensor | None = None  # [rows, H] float64 on the model's device
                     for i in range(len(self.inputs)):
                         hidden, _ = (source if index == 0 else work).get(i)
+                        batch = int(self.layouts[i].attention_mask.shape[0])
                         call = self.inputs.call(i)
+                        if rows > 1:
+                            call = compat.repeat_batch(call, batch, rows)
                         if delta is not None:  # the previous steered layer's edit, as steering adds it
-                            hidden = _steer_states(hidden, steered[i], delta)
+                            if index == 1 and rows > 1:
+                                hidden = hidden.repeat(rows, *([1] * (hidden.dim() - 1)))
+                            shift = delta.repeat_interleave(batch, dim=0).unsqueeze(1) if rows > 1 else delta[0]
+                            hidden = (wide if rows > 1 else steered)[i].apply(hidden, shift)
                         for k in range(done + 1, layer + 1):
                             hidden = compat.call_layer(decoder[k], hidden, call)
-                        self.stats["layer_calls"] += layer - done
+                        self.stats["layer_calls"] += (layer - done) * rows
                         where, last = self.measure[i]
-                        image.add(pool(hidden, where.to(hidden.device), self.measure_at, last=last).float().unsqueeze(0))
+                        if rows > 1:
+                            where, last = where.repeat(rows, 1), (last.repeat(rows) if last is not None else None)
+                        pooled = pool(hidden, where.to(hidden.device), self.measure_at, last=last).float().double()
+                        pooled = pooled.view(rows, batch, -1).sum(1)
+                        total = pooled if total is None else total + pooled
+                        image.count += batch
                         if save is not None and index == 0:
                             save.put(hidden)
                         if layer != chosen[-1]:
                             if keep and index == 0:
                                 work.put(hidden)
+                            elif index == 1 and rows > 1:  # now one copy of the batch per alpha
+                                work.replace(i, hidden)
                             else:
                                 work.set(i, hidden)
                         tick(1)
                     done = layer
+                    if total is not None:
+                        image.sums += total.cpu()
                     if is_distributed():
                         image.reduce()
                     if not image.count:
                         break
-                    vectors[layer] = image.means()[layer] - self.text_means[layer]
-                    delta = -alpha[layer] * vectors[layer]
+                    means = image.means()
+                    for j in range(n):
+                        found[j][layer] = means[min(j, rows - 1)] - self.text_means[layer]
+                    delta = torch.stack([-alphas[j][layer] * found[j][layer] for j in range(n)])
         except BaseException:
             if save is not None:
                 save.close()
@@ -413,7 +472,7 @@ class PreparedCalibration:
             if self.checkpoint is not None:
                 self.checkpoint[1].close()
             self.checkpoint = (first, save)
-        return vectors
+        return found
 
 
 def sequential_vectors(
@@ -457,9 +516,35 @@ class CalibrationReuse:
     (:class:`PreparedCalibration`) per model, data and reference settings, and the
     counts of what ran (``stats``)."""
 
-    def __init__(self) -> None:
+    #: at most this many alphas are calibrated together (their states side by side)
+    ALPHAS_AT_ONCE = 4
+
+    def __init__(self, alphas: Sequence[float] = ()) -> None:
         self.prepared: dict[tuple[Any, ...], PreparedCalibration] = {}
         self.stats = {"calibrations": 0, "prepared": 0, "reused": 0}
+        #: the alphas the caller will ask for, in order (a sweep's grid): calibrated in
+        #: groups of :attr:`ALPHAS_AT_ONCE` when one of them is asked for
+        self.alphas = [float(a) for a in alphas]
+        self._found: dict[tuple[Any, ...], dict[int, torch.Tensor]] = {}
+
+    def vectors(self, prepared: PreparedCalibration, layers: Sequence[int], alpha: Mapping[int, float],
+                positions: frozenset[str], *, tick: Callable[[int], Any]) -> dict[int, torch.Tensor]:
+        """``prepared.vectors(...)``, or, for one alpha on every layer that is in
+        :attr:`alphas`, that alpha and the next ones of the grid calibrated together."""
+        values = set(alpha.values())
+        single = float(next(iter(values))) if len(values) == 1 else None
+        if single is None or single not in self.alphas:
+            return prepared.vectors(layers, alpha, positions, keep=True, tick=tick)
+        key = (id(prepared), tuple(layers), positions)
+        done = self._found.get((*key, single))
+        if done is None:
+            start = self.alphas.index(single)
+            group = [a for a in self.alphas[start:] if (*key, a) not in self._found][: self.ALPHAS_AT_ONCE]
+            found = prepared.vectors_for([{l: a for l in layers} for a in group], layers, positions, keep=True, tick=tick)
+            for a, v in zip(group, found):
+                self._found[(*key, a)] = v
+            done = self._found[(*key, single)]
+        return done
 
     def close(self) -> None:
         for prepared in self.prepared.values():
@@ -473,14 +558,15 @@ _REUSE: contextvars.ContextVar[CalibrationReuse | None] = contextvars.ContextVar
 
 
 @contextlib.contextmanager
-def reusing_work() -> Iterator[CalibrationReuse]:
+def reusing_work(alphas: Sequence[float] = ()) -> Iterator[CalibrationReuse]:
     """Inside the block, sequential calibrations of the same model, data, processor,
     template, batch size, reference and measurement position share their preprocessing,
     vision-tower and text-only forwards and the reference states up to their first
     steered layer (:func:`run_sweep <lvlm_safety_plugins.methods.cmrm.sweep.run_sweep>`
     calibrates every setting so). The kept states are removed when the block ends, also
-    on error; ``stats`` then holds what ran."""
-    reuse = CalibrationReuse()
+    on error; ``stats`` then holds what ran. ``alphas``: the alphas that will be asked
+    for in order (one per layer each): calibrated side by side in small groups."""
+    reuse = CalibrationReuse(alphas)
     token = _REUSE.set(reuse)
     try:
         yield reuse
@@ -593,7 +679,7 @@ def calibrate(
                     else:
                         reuse.stats["reused"] += 1
                         bar.update(len(starts))
-                    vectors = prepared.vectors(chosen, alpha, kinds, keep=True, tick=bar.update)
+                    vectors = reuse.vectors(prepared, chosen, alpha, kinds, tick=bar.update)
                     count = prepared.text.count
                     reuse.stats["calibrations"] += 1
                     how = "one pass, reusing the sweep's prepared forwards"
