@@ -207,7 +207,12 @@ def main() -> None:
     parser.add_argument("--shape", choices=("quick", "llava7b"), default="quick",
                         help="quick: a tiny Llava (64 wide); llava7b: LLaVA-1.5-7B's shapes, random fp16 weights")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 steadies ratios on a busy machine")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from lvlm_safety_plugins.progress import silence
 
@@ -226,7 +231,10 @@ def main() -> None:
     sweep, cost = sweep_rows(shape, 16 if quick else 32, rows_in, args.device, alphas, choices, repeats)
     out += sweep
     out += prefill_rows(shape, 16 if quick else 32, args.device, repeats * 3)
-    print_table(out, f"CMRM cost, {shape} shapes on {args.device}, {n} calibration rows (batch 8), every layer steered; "
+    import torch
+
+    print_table(out, f"CMRM cost, {shape} shapes on {args.device} ({torch.get_num_threads()} threads), {n} calibration rows "
+                     f"(batch 8), every layer steered; "
                      f"medians of {repeats} interleaved repeats ({time.perf_counter() - started:.0f} s)")
     if cost:
         print("sweep cost (its own report):", ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
