@@ -60,10 +60,49 @@ def truncated_decoder(adapter: "ModelAdapter", last: int) -> Iterator[None]:
         owner._modules[attr] = layers
 
 
+class _SkippedHead(torch.nn.Module):
+    """Stands in for the LM head in a forward whose logits nobody reads: one column of
+    the states instead of a projection to the vocabulary (on a 32,000-token vocabulary
+    that projection costs as much as several decoder layers). Code that reads the
+    head's ``weight`` (LLaMA's ``pretraining_tp`` split) still finds the real one."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.__dict__["weight"] = getattr(head, "weight", None)
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden[..., :1]
+
+
+@contextlib.contextmanager
+def skipped_lm_head(adapter: "ModelAdapter") -> Iterator[None]:
+    """Inside the block the model's LM head is replaced by a stand-in that does not
+    project to the vocabulary (the logits are then meaningless); the head comes back
+    afterwards, also on error. No parameter or hook is touched. A model whose head is
+    not found is left as it is."""
+    try:
+        head = adapter.lm_head
+    except Exception:  # noqa: BLE001 - no head to skip: run as is
+        yield
+        return
+    found = next(((module, name) for module in adapter.model.modules() for name, child in module._modules.items()
+                  if child is head), None)
+    if found is None:
+        yield
+        return
+    owner, name = found
+    owner._modules[name] = _SkippedHead(head)
+    try:
+        yield
+    finally:
+        owner._modules[name] = head
+
+
 def run_to_layer(adapter: "ModelAdapter", model: torch.nn.Module, last: int, **inputs: Any) -> Any:
     """``model(**inputs, use_cache=False)`` with the decoder stopped after layer
-    ``last`` (:func:`truncated_decoder`); returns the model's (then meaningless) output."""
-    with truncated_decoder(adapter, last):
+    ``last`` (:func:`truncated_decoder`) and the LM head skipped
+    (:func:`skipped_lm_head`); returns the model's (then meaningless) output."""
+    with truncated_decoder(adapter, last), skipped_lm_head(adapter):
         return model(**inputs, use_cache=False)
 
 
@@ -373,4 +412,5 @@ class ForwardCapture:
         return torch.stack([self.pooled(name, layer) for layer in self.layers])
 
 
-__all__ = ["ForwardCapture", "HiddenCapture", "POOLINGS", "pool", "run_to_layer", "truncated_decoder"]
+__all__ = ["ForwardCapture", "HiddenCapture", "POOLINGS", "last_masked", "pool", "run_to_layer", "skipped_lm_head",
+           "truncated_decoder"]

@@ -671,3 +671,32 @@ def test_sample_level_reference_none_reads_its_shift_from_the_prefill(tiny_llava
     assert torch.equal(sample.sequences, by_hand.sequences)
     for a, b in zip(sample.scores, by_hand.scores):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_truncated_passes_skip_the_lm_head_and_put_it_back(tiny_llava, tiny_llava_processor):
+    from lvlm_safety_plugins.capture import HiddenCapture, skipped_lm_head
+
+    batch = tiny_llava_batch(tiny_llava_processor)
+    adapter = get_adapter(tiny_llava)
+    head = tiny_llava.get_output_embeddings()
+    calls = []
+    hook = head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            full = tiny_llava(**batch, output_hidden_states=True)
+            assert len(calls) == 1
+            with HiddenCapture(adapter, [1, 2], {"m": adapter.layout(batch).attention_mask}, "mean", detach=True) as cap:
+                cap.run(tiny_llava, **batch)  # a teacher / calibration pass: its logits are not read
+        assert len(calls) == 1  # the vocabulary projection did not run
+        mask = adapter.layout(batch).attention_mask.unsqueeze(-1).float()
+        for layer in (1, 2):  # (the last entry of hidden_states is after the final norm on 5.x)
+            want = (full.hidden_states[layer + 1] * mask).sum(1) / mask.sum(1)
+            torch.testing.assert_close(cap.pooled["m"][layer], want, rtol=1e-5, atol=1e-6)
+        with pytest.raises(RuntimeError, match="inside"), skipped_lm_head(adapter):
+            assert tiny_llava.get_output_embeddings() is not head
+            raise RuntimeError("inside")
+        assert tiny_llava.get_output_embeddings() is head  # back, also after an error
+        with torch.no_grad():
+            assert torch.equal(tiny_llava(**batch).logits, full.logits)
+    finally:
+        hook.remove()

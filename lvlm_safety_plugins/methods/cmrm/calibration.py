@@ -39,7 +39,7 @@ import torch
 
 from ... import compat
 from ...adapters import get_adapter
-from ...capture import HiddenCapture, last_masked, pool, truncated_decoder
+from ...capture import HiddenCapture, last_masked, pool, skipped_lm_head, truncated_decoder
 from ...errors import DataError
 from ...loading import DataFileError, open_image, read_records
 from ...progress import progress_bar
@@ -292,7 +292,7 @@ def _decoder_input(adapter: Any, model: torch.nn.Module, inputs: Mapping[str, An
 
     hook = layer.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        with compat.record_layer_call(layer) as calls, truncated_decoder(adapter, 0):
+        with compat.record_layer_call(layer) as calls, truncated_decoder(adapter, 0), skipped_lm_head(adapter):
             model(**inputs, use_cache=False)
     except compat.UnsupportedModelError as exc:
         raise OnePassUnavailable(str(exc)) from None
