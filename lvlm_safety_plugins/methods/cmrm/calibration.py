@@ -330,12 +330,13 @@ class PreparedCalibration:
     """One sweep of a calibration set's forwards that every sequential calibration of
     the same data can start from: per batch the decoder's input sequence (the vision
     tower and the preprocessing done), the arguments of its decoder layers and its
-    layout, and the text-only pooled sums at every layer. Under :func:`reusing_work`
+    layout, and the text-only pooled sums at every layer (up to ``upto``). Under :func:`reusing_work`
     it is kept and reused (a sweep), with a checkpoint of the states at the last first
     steered layer used (alpha does not change them)."""
 
     def __init__(self, model: torch.nn.Module, batches: Iterable[tuple[Mapping[str, Any], Mapping[str, Any]]], *,
-                 measure_at: str, store: str, store_folder: str | Path | None, tick: Callable[[int], Any]) -> None:
+                 measure_at: str, store: str, store_folder: str | Path | None, tick: Callable[[int], Any],
+                 upto: int | None = None) -> None:
         from ...distributed import is_distributed
 
         self.model, self.adapter = model, get_adapter(model)
@@ -344,7 +345,7 @@ class PreparedCalibration:
             raise OnePassUnavailable(f"{type(model).__name__}: {obstacle}")
         self.measure_at, self.store, self.store_folder = measure_at, store, store_folder
         self.device = next(model.parameters()).device
-        every = list(range(self.adapter.num_layers))
+        every = list(range(self.adapter.num_layers if upto is None else upto + 1))  # the text-only pass stops there
         self.text = ShiftAccumulator(every, self.adapter.hidden_size)
         self.inputs = StateStore(store, self.device, folder=store_folder)
         self.layouts: list[Any] = []
@@ -504,7 +505,8 @@ def sequential_vectors(
     model's layers cannot be called again (see
     :func:`~lvlm_safety_plugins.compat.layer_call_obstacle`)."""
     tick = progress or (lambda n: None)
-    prepared = PreparedCalibration(model, batches, measure_at=measure_at, store=store, store_folder=store_folder, tick=tick)
+    prepared = PreparedCalibration(model, batches, measure_at=measure_at, store=store, store_folder=store_folder, tick=tick,
+                                   upto=max(layers))
     try:
         return prepared.vectors(layers, alpha, positions, tick=tick), prepared.text.count
     finally:
