@@ -60,19 +60,69 @@ def truncated_decoder(adapter: "ModelAdapter", last: int) -> Iterator[None]:
         owner._modules[attr] = layers
 
 
+class _SkippedHead(torch.nn.Module):
+    """Stands in for the LM head in a forward whose logits nobody reads: one column of
+    the states instead of a projection to the vocabulary (on a 32,000-token vocabulary
+    that projection costs as much as several decoder layers). Code that reads the
+    head's ``weight`` (LLaMA's ``pretraining_tp`` split) still finds the real one."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.__dict__["weight"] = getattr(head, "weight", None)
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden[..., :1]
+
+
+@contextlib.contextmanager
+def skipped_lm_head(adapter: "ModelAdapter") -> Iterator[None]:
+    """Inside the block the model's LM head is replaced by a stand-in that does not
+    project to the vocabulary (the logits are then meaningless); the head comes back
+    afterwards, also on error. No parameter or hook is touched. A model whose head is
+    not found is left as it is."""
+    try:
+        head = adapter.lm_head
+    except Exception:  # noqa: BLE001 - no head to skip: run as is
+        yield
+        return
+    found = next(((module, name) for module in adapter.model.modules() for name, child in module._modules.items()
+                  if child is head), None)
+    if found is None:
+        yield
+        return
+    owner, name = found
+    owner._modules[name] = _SkippedHead(head)
+    try:
+        yield
+    finally:
+        owner._modules[name] = head
+
+
 def run_to_layer(adapter: "ModelAdapter", model: torch.nn.Module, last: int, **inputs: Any) -> Any:
     """``model(**inputs, use_cache=False)`` with the decoder stopped after layer
-    ``last`` (:func:`truncated_decoder`); returns the model's (then meaningless) output."""
-    with truncated_decoder(adapter, last):
+    ``last`` (:func:`truncated_decoder`) and the LM head skipped
+    (:func:`skipped_lm_head`); returns the model's (then meaningless) output."""
+    with truncated_decoder(adapter, last), skipped_lm_head(adapter):
         return model(**inputs, use_cache=False)
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch.Tensor:
+def last_masked(mask: torch.Tensor) -> torch.Tensor:
+    """``[B]``: each row's last True position of ``mask [B, L]`` (-1 for an empty row)."""
+    idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), idx, torch.full_like(idx, -1)).max(dim=1).values
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str = "mean", *, last: torch.Tensor | None = None) -> torch.Tensor:
     """Pool ``hidden [B, L, H]`` over the True positions of ``mask [B, L]``.
 
     ``mean``: the average over the masked positions (zeros for an empty row);
-    ``last``: the state at each row's last masked position (zeros for an empty row).
+    ``last``: the state at each row's last masked position (zeros for an empty row;
+    ``last`` may pass :func:`last_masked` of ``mask`` computed once for many layers).
     """
+    if how == "last" and last is not None:
+        last = last.to(hidden.device)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, last.clamp(min=0)] * (last >= 0).to(hidden.dtype).unsqueeze(-1)
     m = mask.to(hidden.device)
     if how == "mean":
         weights = m.to(hidden.dtype).unsqueeze(-1)
@@ -80,12 +130,7 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str = "mean") -> torch.T
         count = m.sum(dim=1, keepdim=True).clamp(min=1).to(hidden.dtype)
         return total / count
     if how == "last":
-        L = m.shape[1]
-        idx = torch.arange(L, device=m.device).expand_as(m)
-        last = torch.where(m, idx, torch.full_like(idx, -1)).max(dim=1).values
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        picked = hidden[rows, last.clamp(min=0)]
-        return picked * (last >= 0).to(hidden.dtype).unsqueeze(-1)
+        return pool(hidden, m, how, last=last_masked(m))
     raise CaptureError(f"unknown pooling {how!r}; valid: {', '.join(POOLINGS)}")
 
 
@@ -127,6 +172,7 @@ class HiddenCapture:
         self.adapter = adapter
         self.layers = _capture_layers(adapter, layers, pooling)
         self.masks: dict[str, torch.Tensor] = {}
+        self._last: dict[str, torch.Tensor] = {}
         self.pooling = pooling
         self.detach = detach
         self.on_mismatch = on_mismatch
@@ -145,6 +191,7 @@ class HiddenCapture:
             if mask.dim() != 2:
                 raise CaptureError(f"mask {name!r} must be [batch, length], got shape {tuple(mask.shape)}")
         self.masks = {k: v.bool() for k, v in masks.items()}
+        self._last = {k: last_masked(v) for k, v in self.masks.items()} if self.pooling == "last" else {}
         self._pooled = {k: {} for k in self.masks}
         self._raw = {}
 
@@ -155,7 +202,7 @@ class HiddenCapture:
             raw, self._raw = self._raw, {}
             for layer, hidden in raw.items():
                 for name, mask in self.masks.items():
-                    self._pooled[name][layer] = pool(hidden, mask, self.pooling)
+                    self._pooled[name][layer] = pool(hidden, mask, self.pooling, last=self._last.get(name))
         return self._pooled
 
     def _hook(self, layer: int):
@@ -178,7 +225,8 @@ class HiddenCapture:
                 return
             self._raw.pop(layer, None)
             for name, mask in self.masks.items():
-                self._pooled[name][layer] = pool(hidden.detach() if self.detach else hidden, mask, self.pooling)
+                self._pooled[name][layer] = pool(hidden.detach() if self.detach else hidden, mask, self.pooling,
+                                                 last=self._last.get(name))
 
         return hook
 
@@ -367,4 +415,5 @@ class ForwardCapture:
         return torch.stack([self.pooled(name, layer) for layer in self.layers])
 
 
-__all__ = ["ForwardCapture", "HiddenCapture", "POOLINGS", "pool", "run_to_layer", "truncated_decoder"]
+__all__ = ["ForwardCapture", "HiddenCapture", "POOLINGS", "last_masked", "pool", "run_to_layer", "skipped_lm_head",
+           "truncated_decoder"]

@@ -574,6 +574,38 @@ def call_layer(layer: torch.nn.Module, hidden: torch.Tensor, call: LayerCall) ->
     return layer_hidden(layer(hidden, *call.args, **call.kwargs))
 
 
+def repeat_batch(call: LayerCall, batch: int, times: int) -> LayerCall | None:
+    """``call`` for ``times`` copies of its batch side by side (copy-major): every
+    tensor of two or more dimensions whose first is ``batch`` is repeated along it;
+    those with a first dimension of 1 broadcast and 1-D ones (``cache_position``) are
+    kept as they are. ``None`` when some argument cannot be
+    repeated so (another leading dimension, as Qwen2-VL's ``[3, B, L]`` M-RoPE
+    position ids, or an object such as a ``BlockMask`` or a cache)."""
+    ok = [True]
+
+    def repeat(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() < 2 or t.shape[0] == 1:  # scalars, ``cache_position [L]``, broadcast rows
+            return t
+        if t.shape[0] != batch:
+            ok[0] = False
+            return t
+        return t.repeat(times, *([1] * (t.dim() - 1)))
+
+    def plain(value: Any) -> bool:
+        if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+            return True
+        if isinstance(value, (tuple, list)):
+            return all(plain(v) for v in value)
+        if isinstance(value, dict):
+            return all(plain(v) for v in value.values())
+        return False
+
+    if not plain(call.args) or not plain(call.kwargs):
+        return None
+    out = call.map_tensors(repeat)
+    return out if ok[0] else None
+
+
 def layer_call_obstacle(text_config: Any) -> str | None:
     """Why one recorded :class:`LayerCall` cannot serve every decoder layer of a model
     with this (text) configuration, or ``None`` when it can: 5.x models whose
@@ -589,6 +621,7 @@ __all__ = [
     "LayerCall",
     "call_layer",
     "layer_call_obstacle",
+    "repeat_batch",
     "record_layer_call",
     "enable_checkpointing",
     "non_reentrant_checkpointing",

@@ -671,3 +671,98 @@ def test_sample_level_reference_none_reads_its_shift_from_the_prefill(tiny_llava
     assert torch.equal(sample.sequences, by_hand.sequences)
     for a, b in zip(sample.scores, by_hand.scores):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_truncated_passes_skip_the_lm_head_and_put_it_back(tiny_llava, tiny_llava_processor):
+    from lvlm_safety_plugins.capture import HiddenCapture, skipped_lm_head
+
+    batch = tiny_llava_batch(tiny_llava_processor)
+    adapter = get_adapter(tiny_llava)
+    head = tiny_llava.get_output_embeddings()
+    calls = []
+    hook = head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            full = tiny_llava(**batch, output_hidden_states=True)
+            assert len(calls) == 1
+            with HiddenCapture(adapter, [1, 2], {"m": adapter.layout(batch).attention_mask}, "mean", detach=True) as cap:
+                cap.run(tiny_llava, **batch)  # a teacher / calibration pass: its logits are not read
+        assert len(calls) == 1  # the vocabulary projection did not run
+        mask = adapter.layout(batch).attention_mask.unsqueeze(-1).float()
+        for layer in (1, 2):  # (the last entry of hidden_states is after the final norm on 5.x)
+            want = (full.hidden_states[layer + 1] * mask).sum(1) / mask.sum(1)
+            torch.testing.assert_close(cap.pooled["m"][layer], want, rtol=1e-5, atol=1e-6)
+        with pytest.raises(RuntimeError, match="inside"), skipped_lm_head(adapter):
+            assert tiny_llava.get_output_embeddings() is not head
+            raise RuntimeError("inside")
+        assert tiny_llava.get_output_embeddings() is head  # back, also after an error
+        with torch.no_grad():
+            assert torch.equal(tiny_llava(**batch).logits, full.logits)
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("reference", ["blank", "noise"])
+def test_sample_level_blank_and_noise_batch_the_reference_with_the_text_only_rows(tiny_llava, tiny_llava_processor, reference):
+    from lvlm_safety_plugins.capture import HiddenCapture
+    from lvlm_safety_plugins.compat import llava_splices_image_features
+    from lvlm_safety_plugins.steering import after_image_mask
+
+    batch = tiny_llava_batch(tiny_llava_processor)
+    adapter = get_adapter(tiny_llava)
+    layers, alpha = [0, 2, 3], 0.8
+    ref = adapter.blank_image_batch(batch, reference, seed=0, image_processor=tiny_llava_processor.image_processor)
+    # by hand, as separate forwards: the text-only prompt's last-token states; the
+    # reference input, measuring its own (already steered) last-token state at each
+    # steered layer against them and subtracting alpha times it from its image positions on
+    text_only = adapter.text_only_batch(batch)
+    with torch.no_grad(), HiddenCapture(adapter, layers, {"m": adapter.layout(text_only).attention_mask}, "last") as cap:
+        tiny_llava(**text_only)
+    text = {l: cap.pooled["m"][l] for l in layers}
+    ref_layout = adapter.layout(ref)
+    ref_steered = ref_layout.attention_mask & after_image_mask(ref_layout.image_mask)
+    last = ref_layout.last_index()
+    shifts = {}
+
+    def measure(module, args, output, layer):
+        h = output if isinstance(output, torch.Tensor) else output[0]
+        shifts[layer] = h[torch.arange(h.shape[0]), last] - text[layer]
+        h = h - alpha * shifts[layer].unsqueeze(1) * ref_steered.unsqueeze(-1).to(h.dtype)
+        return h if isinstance(output, torch.Tensor) else (h, *output[1:])
+
+    handles = [adapter.decoder_layers[l].register_forward_hook(lambda m, a, o, l=l: measure(m, a, o, l), prepend=True)
+               for l in layers]
+    try:
+        with torch.no_grad():
+            tiny_llava(**ref)
+    finally:
+        for h in handles:
+            h.remove()
+    # the prefill subtracts those shifts at its own from_image positions
+    layout = adapter.layout(batch)
+    steered = layout.attention_mask & after_image_mask(layout.image_mask)
+
+    def fixed(module, args, output, layer):
+        h = output if isinstance(output, torch.Tensor) else output[0]
+        h = h - alpha * shifts[layer].unsqueeze(1) * steered.unsqueeze(-1).to(h.dtype)
+        return h if isinstance(output, torch.Tensor) else (h, *output[1:])
+
+    handles = [adapter.decoder_layers[l].register_forward_hook(lambda m, a, o, l=l: fixed(m, a, o, l), prepend=True) for l in layers]
+    try:
+        with torch.no_grad():
+            want = tiny_llava(**batch).logits
+    finally:
+        for h in handles:
+            h.remove()
+    calls = []
+    counter = adapter.decoder_layers[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with torch.no_grad(), steer(tiny_llava, None, variant="sample", reference=reference, layers=layers, alpha=alpha,
+                                    processor=tiny_llava_processor):
+            got = tiny_llava(**batch).logits
+    finally:
+        counter.remove()
+    # one forward of the text-only and reference rows together, then the prefill (4.37's
+    # Llava splices image features itself and cannot mix rows with and without an image)
+    assert len(calls) == (3 if llava_splices_image_features(tiny_llava) else 2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

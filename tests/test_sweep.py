@@ -92,6 +92,36 @@ def test_sweep_calibrates_each_setting_and_writes_the_curve(tmp_path, tiny_llava
     assert files["png"] is None or (tmp_path / "out" / "sweep.png").stat().st_size > 0
 
 
+def test_sweep_reuses_one_pass_over_the_data_and_its_vectors_equal_each_calibration_alone(tmp_path, tiny_llava,
+                                                                                          tiny_llava_processor):
+    import torch
+
+    from lvlm_safety_plugins.methods.cmrm import calibrate
+
+    recorded = []
+    measure = recording_measure(recorded, lambda a: {"harmful_refused": 0.5, "benign_refused": 0.1, "utility": 0.8})
+    data = calibration_rows() + calibration_rows()[:2]
+    forwards = []
+    counter = tiny_llava.get_input_embeddings().register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        result = run_sweep(tiny_llava, tiny_llava_processor, data, measure, alphas=[0.5, 1.0], layer_choices=["all", "1-2"],
+                           overrides=["cmrm.batch_size=2"], workdir=tmp_path / "work", progress=False)
+    finally:
+        counter.remove()
+    # the data went through the model once (3 batches, text-only and reference each): not once per setting
+    assert len(forwards) == 6
+    cost = result.meta["cost"]
+    assert (cost["settings"], cost["calibrations"], cost["prepared"], cost["reused"]) == (4, 4, 1, 3)
+    assert cost["calibrate_s"] > 0 and cost["reference_forwards"] == 3
+    # every setting's vectors equal a calibration of its own (checkpoint at layer 0 reused for layers 1-2)
+    for cfg, vectors in recorded:
+        assert vectors.extra["calibration"] == "one pass, reusing the sweep's prepared forwards"
+        alone = calibrate(tiny_llava, tiny_llava_processor, data, cfg, layers=vectors.layers, progress=False)
+        assert vectors.layers == alone.layers and vectors.alpha == alone.alpha
+        for layer in vectors.layers:
+            torch.testing.assert_close(vectors.vectors[layer], alone.vectors[layer], rtol=1e-5, atol=1e-6)
+
+
 def test_sweep_over_positions_calibrates_each_and_ties_go_to_fewer_positions(tmp_path, tiny_llava, tiny_llava_processor):
     recorded = []
     measure = recording_measure(recorded, lambda a: {"harmful_refused": 0.6, "benign_refused": 0.1, "utility": 0.8})  # all tie

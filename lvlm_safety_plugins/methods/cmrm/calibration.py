@@ -25,6 +25,7 @@ vector file (``x-calibration``).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import shutil
@@ -38,7 +39,7 @@ import torch
 
 from ... import compat
 from ...adapters import get_adapter
-from ...capture import HiddenCapture, pool, truncated_decoder
+from ...capture import HiddenCapture, last_masked, pool, skipped_lm_head, truncated_decoder
 from ...errors import DataError
 from ...loading import DataFileError, open_image, read_records
 from ...progress import progress_bar
@@ -193,18 +194,20 @@ class StateStore:
         }
 
     def _tier(self, nbytes: int) -> str:
+        on_cpu = self.device.type == "cpu"
         if self.where != "auto":
-            return "cpu" if self.where == "device" and self.device.type == "cpu" else self.where
-        if self.device.type == "cpu":
-            return "cpu" if self.bytes["cpu"] + nbytes <= self._budget["cpu"] else "disk"
+            return "device" if self.where == "cpu" and on_cpu else self.where  # on a CPU model its memory is the device's
+        if on_cpu:
+            return "device" if self.bytes["device"] + nbytes <= self._budget["cpu"] else "disk"
         for tier in ("device", "cpu"):
             if self.bytes[tier] + nbytes <= self._budget[tier]:
                 return tier
         return "disk"
 
-    def put(self, hidden: torch.Tensor, call: compat.LayerCall) -> None:
+    def put(self, hidden: torch.Tensor, call: compat.LayerCall | None = None) -> None:
+        """Keep ``hidden`` (a copy where it leaves the device) and, given, ``call``."""
         nbytes = hidden.numel() * hidden.element_size()
-        tier = self._tier(nbytes + call.nbytes())
+        tier = self._tier(nbytes + (call.nbytes() if call is not None else 0))
         if tier == "disk":
             if self._dir is None:
                 self._dir = tempfile.mkdtemp(prefix="cmrm-calibration-", dir=self.parent)
@@ -212,15 +215,16 @@ class StateStore:
             kept = torch.from_file(path, shared=True, size=hidden.numel(), dtype=hidden.dtype).view(hidden.shape)
             kept.copy_(hidden)
             self.bytes["disk"] += nbytes
-            call = call.map_tensors(lambda t: t.cpu())
-            self.bytes["cpu"] += call.nbytes()
         elif tier == "cpu":
-            kept = hidden.to("cpu", copy=hidden.device.type == "cpu")
-            call = call.map_tensors(lambda t: t.cpu())
-            self.bytes["cpu"] += nbytes + call.nbytes()
+            kept = hidden.to("cpu", copy=True)
+            self.bytes["cpu"] += nbytes
         else:
             kept = hidden
-            self.bytes["device"] += nbytes + call.nbytes()
+            self.bytes["device"] += nbytes
+        if call is not None and tier != "device" and self.device.type != "cpu":
+            call = call.map_tensors(lambda t: t.cpu())
+        if call is not None:
+            self.bytes["cpu" if tier != "device" else "device"] += call.nbytes()
         self._hidden.append(kept)
         self._calls.append(call)
         self._tiers.append(tier)
@@ -228,12 +232,30 @@ class StateStore:
     def __len__(self) -> int:
         return len(self._hidden)
 
-    def get(self, i: int) -> tuple[torch.Tensor, compat.LayerCall]:
-        """Batch ``i``'s states and layer call, on the model's device."""
+    def call(self, i: int) -> compat.LayerCall:
+        """Batch ``i``'s layer call, on the model's device."""
         call = self._calls[i]
+        assert call is not None
         if self._tiers[i] != "device" and self.device.type != "cpu":
             call = call.map_tensors(lambda t: t.to(self.device))
-        return self._hidden[i].to(self.device), call
+        return call
+
+    def get(self, i: int) -> tuple[torch.Tensor, compat.LayerCall | None]:
+        """Batch ``i``'s states (on the model's device) and its layer call as kept."""
+        return self._hidden[i].to(self.device), self._calls[i]
+
+    def replace(self, i: int, hidden: torch.Tensor) -> None:
+        """Put ``hidden`` (any shape) in batch ``i``'s place, in the same tier."""
+        if self._tiers[i] == "device":
+            self._hidden[i] = hidden
+        elif self._tiers[i] == "cpu":
+            self._hidden[i] = hidden.to("cpu", copy=True)
+        else:
+            assert self._dir is not None
+            path = os.path.join(self._dir, f"{i}.{hidden.numel()}.bin")
+            kept = torch.from_file(path, shared=True, size=hidden.numel(), dtype=hidden.dtype).view(hidden.shape)
+            kept.copy_(hidden)
+            self._hidden[i] = kept
 
     def set(self, i: int, hidden: torch.Tensor) -> None:
         """Replace batch ``i``'s states (same shape and dtype)."""
@@ -243,7 +265,7 @@ class StateStore:
             self._hidden[i].copy_(hidden)
 
     def close(self) -> None:
-        self._hidden, self._calls = [], []
+        self._hidden, self._calls, self._tiers = [], [], []
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
@@ -260,34 +282,200 @@ class OnePassUnavailable(Exception):
     message says why); :func:`calibrate` then runs one reference pass per layer."""
 
 
-def _reference_states(adapter: Any, model: torch.nn.Module, inputs: Mapping[str, Any],
-                      first: int) -> tuple[torch.Tensor, compat.LayerCall]:
-    """The output of decoder layer ``first`` for ``inputs`` (the forward stops there)
-    and the arguments the model called that layer with."""
-    layer = adapter.decoder_layers[first]
-    out: list[torch.Tensor] = []
-    hook = layer.register_forward_hook(lambda module, args, output: out.append(compat.layer_hidden(output)))
+def _decoder_input(adapter: Any, model: torch.nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, compat.LayerCall]:
+    """The decoder's input sequence for ``inputs`` (embeddings with the image features
+    spliced in: the vision tower runs here) and the arguments the model calls its
+    decoder layers with; the forward stops after layer 0."""
+    layer = adapter.decoder_layers[0]
+    seen: list[torch.Tensor] = []
+
+    def grab(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append(args[0] if args else kwargs["hidden_states"])
+
+    hook = layer.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        with compat.record_layer_call(layer) as calls, truncated_decoder(adapter, first):
+        with compat.record_layer_call(layer) as calls, truncated_decoder(adapter, 0), skipped_lm_head(adapter):
             model(**inputs, use_cache=False)
     except compat.UnsupportedModelError as exc:
         raise OnePassUnavailable(str(exc)) from None
     finally:
         hook.remove()
-    if len(calls) != 1 or len(out) != 1:
-        raise OnePassUnavailable(f"decoder layer {first} ran {len(calls)} times in one forward")
-    return out[0], calls[0]
+    if len(calls) != 1 or len(seen) != 1:
+        raise OnePassUnavailable(f"decoder layer 0 ran {len(calls)} times in one forward")
+    return seen[0], calls[0]
 
 
-def _steer_states(hidden: torch.Tensor, mask: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``hidden + delta`` at the True positions of ``mask``, as the steering primitive
-    adds an edit (the same arithmetic, so the states match a steered forward)."""
-    if not bool(mask.any()):
-        return hidden
-    delta = delta.to(hidden.device, hidden.dtype)
-    if bool(mask.all()):
-        return hidden + delta
-    return hidden + delta * mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
+class _Steered:
+    """Where one batch's states are steered: the prompt positions' mask as the steering
+    primitive applies an edit (nothing, everything, or ``delta * weight``), worked out
+    once for every layer."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+        self.any, self.all = bool(mask.any()), bool(mask.all())
+        self._weight: torch.Tensor | None = None
+
+    def apply(self, hidden: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``hidden + delta`` at the steered positions (the primitive's arithmetic, so
+        the states match a steered forward)."""
+        if not self.any:
+            return hidden
+        delta = delta.to(hidden.device, hidden.dtype)
+        if self.all:
+            return hidden + delta
+        if self._weight is None or self._weight.dtype != hidden.dtype or self._weight.device != hidden.device:
+            self._weight = self.mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
+        return hidden + delta * self._weight
+
+
+class PreparedCalibration:
+    """One sweep of a calibration set's forwards that every sequential calibration of
+    the same data can start from: per batch the decoder's input sequence (the vision
+    tower and the preprocessing done), the arguments of its decoder layers and its
+    layout, and the text-only pooled sums at every layer (up to ``upto``). Under :func:`reusing_work`
+    it is kept and reused (a sweep), with a checkpoint of the states at the last first
+    steered layer used (alpha does not change them)."""
+
+    def __init__(self, model: torch.nn.Module, batches: Iterable[tuple[Mapping[str, Any], Mapping[str, Any]]], *,
+                 measure_at: str, store: str, store_folder: str | Path | None, tick: Callable[[int], Any],
+                 upto: int | None = None) -> None:
+        from ...distributed import is_distributed
+
+        self.model, self.adapter = model, get_adapter(model)
+        obstacle = compat.layer_call_obstacle(self.adapter.text_config)
+        if obstacle:
+            raise OnePassUnavailable(f"{type(model).__name__}: {obstacle}")
+        self.measure_at, self.store, self.store_folder = measure_at, store, store_folder
+        self.device = next(model.parameters()).device
+        every = list(range(self.adapter.num_layers if upto is None else upto + 1))  # the text-only pass stops there
+        self.text = ShiftAccumulator(every, self.adapter.hidden_size)
+        self.inputs = StateStore(store, self.device, folder=store_folder)
+        self.layouts: list[Any] = []
+        self.measure: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self.checkpoint: tuple[int, StateStore] | None = None
+        self.stats = {"reference_forwards": 0, "text_forwards": 0, "layer_calls": 0}
+        try:
+            with unsteered():
+                for with_image, text_only in batches:
+                    self.text.add(measure_states(self.adapter, model, text_only, every, measure_at))
+                    hidden, call = _decoder_input(self.adapter, model, with_image)
+                    layout = self.adapter.layout(with_image)
+                    where = measure_mask(layout, measure_at)
+                    self.layouts.append(layout)
+                    self.measure.append((where, last_masked(where) if measure_at == "last" else None))
+                    self.inputs.put(hidden, call)
+                    self.stats["reference_forwards"] += 1
+                    self.stats["text_forwards"] += 1
+                    tick(1)
+            if is_distributed():
+                self.text.reduce()
+        except BaseException:
+            self.close()
+            raise
+        self.text_means = self.text.means() if self.text.count else {}
+
+    def close(self) -> None:
+        self.inputs.close()
+        if self.checkpoint is not None:
+            self.checkpoint[1].close()
+            self.checkpoint = None
+
+    def vectors(self, layers: Sequence[int], alpha: Mapping[int, float], positions: frozenset[str], *, keep: bool = False,
+                tick: Callable[[int], Any] = lambda n: None) -> dict[int, torch.Tensor]:
+        """Sequential vectors for ``layers`` at ``alpha``, steering ``positions``.
+        ``keep``: leave the prepared states as they are (another calibration follows)
+        and keep a checkpoint at the first of ``layers``; otherwise the states are
+        advanced in place."""
+        return self.vectors_for([alpha], layers, positions, keep=keep, tick=tick)[0]
+
+    def vectors_for(self, alphas: Sequence[Mapping[int, float]], layers: Sequence[int], positions: frozenset[str], *,
+                    keep: bool = False, tick: Callable[[int], Any] = lambda n: None) -> list[dict[int, torch.Tensor]]:
+        """:meth:`vectors` for several alphas on the same layers at once: up to the
+        first steered layer the states are shared; after it each batch's rows are
+        repeated once per alpha and called through the layers together (when the
+        layer arguments can be repeated along the batch: :func:`compat.repeat_batch
+        <lvlm_safety_plugins.compat.repeat_batch>`; otherwise one alpha at a time)."""
+        from ...distributed import is_distributed
+
+        n = len(alphas)
+        if n > 1 and any(compat.repeat_batch(self.inputs.call(i), int(self.layouts[i].attention_mask.shape[0]), n) is None
+                         for i in range(min(1, len(self.inputs)))):
+            return [self.vectors_for([a], layers, positions, keep=keep, tick=tick)[0] for a in alphas]
+        chosen = list(layers)
+        decoder = self.adapter.decoder_layers
+        masks = [prompt_mask(layout, positions) for layout in self.layouts]
+        steered = [_Steered(m) for m in masks]
+        wide = [_Steered(m.repeat(n, 1)) for m in masks] if n > 1 else steered
+        first = chosen[0]
+        if keep and self.checkpoint is not None and self.checkpoint[0] <= first:
+            source, done = self.checkpoint[1], self.checkpoint[0]
+        else:
+            source, done = self.inputs, -1
+        saving = keep and (self.checkpoint is None or self.checkpoint[0] != first)
+        save = StateStore(self.store, self.device, folder=self.store_folder) if saving else None
+        work = StateStore(self.store, self.device, folder=self.store_folder) if keep else self.inputs
+        found: list[dict[int, torch.Tensor]] = [{} for _ in alphas]
+        delta: torch.Tensor | None = None  # [n * B, 1, H] per batch, built from [n, H]
+        try:
+            with unsteered():
+                for index, layer in enumerate(chosen):
+                    rows = 1 if index == 0 else n  # before the first edit every alpha sees the same states
+                    image = ShiftAccumulator(list(range(rows)), self.adapter.hidden_size)
+                    total: torch.Tensor | None = None  # [rows, H] float64 on the model's device
+                    for i in range(len(self.inputs)):
+                        hidden, _ = (source if index == 0 else work).get(i)
+                        batch = int(self.layouts[i].attention_mask.shape[0])
+                        call = self.inputs.call(i)
+                        if rows > 1:
+                            call = compat.repeat_batch(call, batch, rows)
+                        if delta is not None:  # the previous steered layer's edit, as steering adds it
+                            if index == 1 and rows > 1:
+                                hidden = hidden.repeat(rows, *([1] * (hidden.dim() - 1)))
+                            shift = delta.repeat_interleave(batch, dim=0).unsqueeze(1) if rows > 1 else delta[0]
+                            hidden = (wide if rows > 1 else steered)[i].apply(hidden, shift)
+                        for k in range(done + 1, layer + 1):
+                            hidden = compat.call_layer(decoder[k], hidden, call)
+                        self.stats["layer_calls"] += (layer - done) * rows
+                        where, last = self.measure[i]
+                        if rows > 1:
+                            where, last = where.repeat(rows, 1), (last.repeat(rows) if last is not None else None)
+                        pooled = pool(hidden, where.to(hidden.device), self.measure_at, last=last).float().double()
+                        pooled = pooled.view(rows, batch, -1).sum(1)
+                        total = pooled if total is None else total + pooled
+                        image.count += batch
+                        if save is not None and index == 0:
+                            save.put(hidden)
+                        if layer != chosen[-1]:
+                            if keep and index == 0:
+                                work.put(hidden)
+                            elif index == 1 and rows > 1:  # now one copy of the batch per alpha
+                                work.replace(i, hidden)
+                            else:
+                                work.set(i, hidden)
+                        tick(1)
+                    done = layer
+                    if total is not None:
+                        image.sums += total.cpu()
+                    if is_distributed():
+                        image.reduce()
+                    if not image.count:
+                        break
+                    means = image.means()
+                    for j in range(n):
+                        found[j][layer] = means[min(j, rows - 1)] - self.text_means[layer]
+                    delta = torch.stack([-alphas[j][layer] * found[j][layer] for j in range(n)])
+        except BaseException:
+            if save is not None:
+                save.close()
+            raise
+        finally:
+            if keep:
+                work.close()
+        if save is not None:
+            if self.checkpoint is not None:
+                self.checkpoint[1].close()
+            self.checkpoint = (first, save)
+        return found
 
 
 def sequential_vectors(
@@ -300,71 +488,95 @@ def sequential_vectors(
     measure_at: str = "last",
     store: str = "auto",
     store_folder: str | Path | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], Any] | None = None,
 ) -> tuple[dict[int, torch.Tensor], int]:
     """Sequential CMRM vectors in one sweep of the decoder; returns ``({layer:
     vector}, samples)``.
 
     ``batches`` yields ``(reference-image inputs, text-only inputs)``. Each batch's
-    text-only forward runs once (to the deepest layer, pooled on the fly) and its
-    reference forward once, stopped after the first of ``layers``; its states there
-    are kept (``store``: :class:`StateStore`) with the arguments that layer was called
-    with. Then for each layer in order: the kept states are advanced through the
-    decoder layers up to it (called again with those arguments), their pooled mean
-    over every batch (float64, summed over processes under torch.distributed) minus
-    the text-only mean is the layer's vector, and ``alpha_l`` times it is subtracted
-    at ``positions`` (prompt kinds, :func:`~lvlm_safety_plugins.steering.prompt_mask`)
+    text-only forward runs once (pooled on the fly at every layer) and its reference
+    forward once, stopped at the decoder's input; that sequence is kept (``store``:
+    :class:`StateStore`) with the arguments the decoder layers were called with. Then
+    for each steered layer in order the kept states are advanced through the decoder
+    layers up to it (called again with those arguments), their pooled mean over every
+    batch (float64, summed over processes under torch.distributed) minus the text-only
+    mean is the layer's vector, and ``alpha_l`` times it is subtracted at
+    ``positions`` (prompt kinds, :func:`~lvlm_safety_plugins.steering.prompt_mask`)
     before the next layer. The vectors equal those of one reference pass per layer,
     steered by the vectors found so far. Raises :class:`OnePassUnavailable` when the
     model's layers cannot be called again (see
     :func:`~lvlm_safety_plugins.compat.layer_call_obstacle`)."""
-    from ...distributed import is_distributed
-
-    adapter = get_adapter(model)
-    chosen = list(layers)
-    obstacle = compat.layer_call_obstacle(adapter.text_config)
-    if obstacle:
-        raise OnePassUnavailable(f"{type(model).__name__}: {obstacle}")
-    device = next(model.parameters()).device
-    decoder = adapter.decoder_layers
-    text = ShiftAccumulator(chosen, adapter.hidden_size)
     tick = progress or (lambda n: None)
-    measure: list[torch.Tensor] = []
-    steered: list[torch.Tensor] = []
-    vectors: dict[int, torch.Tensor] = {}
-    with StateStore(store, device, folder=store_folder) as kept, unsteered():
-        for with_image, text_only in batches:
-            text.add(measure_states(adapter, model, text_only, chosen, measure_at))
-            hidden, call = _reference_states(adapter, model, with_image, chosen[0])
-            layout = adapter.layout(with_image)
-            measure.append(measure_mask(layout, measure_at))
-            steered.append(prompt_mask(layout, positions))
-            kept.put(hidden, call)
-            tick(1)
-        if is_distributed():
-            text.reduce()
-        text_means = text.means() if text.count else {}
-        done, delta = chosen[0], None
-        for layer in chosen:
-            image = ShiftAccumulator([layer], adapter.hidden_size)
-            for i in range(len(kept)):
-                hidden, call = kept.get(i)
-                if delta is not None:  # the previous steered layer's edit, as steering adds it
-                    hidden = _steer_states(hidden, steered[i], delta)
-                for k in range(done + 1, layer + 1):
-                    hidden = compat.call_layer(decoder[k], hidden, call)
-                image.add(pool(hidden, measure[i].to(hidden.device), measure_at).float().unsqueeze(0))
-                if layer != chosen[-1]:
-                    kept.set(i, hidden)
-                tick(1)
-            done = layer
-            if is_distributed():
-                image.reduce()
-            if not image.count:
-                break
-            vectors[layer] = image.means()[layer] - text_means[layer]
-            delta = -alpha[layer] * vectors[layer]
-    return vectors, text.count
+    prepared = PreparedCalibration(model, batches, measure_at=measure_at, store=store, store_folder=store_folder, tick=tick,
+                                   upto=max(layers))
+    try:
+        return prepared.vectors(layers, alpha, positions, tick=tick), prepared.text.count
+    finally:
+        prepared.close()
+
+
+class CalibrationReuse:
+    """What calibrations inside :func:`reusing_work` share: the prepared forwards
+    (:class:`PreparedCalibration`) per model, data and reference settings, and the
+    counts of what ran (``stats``)."""
+
+    #: at most this many alphas are calibrated together (their states side by side)
+    ALPHAS_AT_ONCE = 4
+
+    def __init__(self, alphas: Sequence[float] = ()) -> None:
+        self.prepared: dict[tuple[Any, ...], PreparedCalibration] = {}
+        self.stats = {"calibrations": 0, "prepared": 0, "reused": 0}
+        #: the alphas the caller will ask for, in order (a sweep's grid): calibrated in
+        #: groups of :attr:`ALPHAS_AT_ONCE` when one of them is asked for
+        self.alphas = [float(a) for a in alphas]
+        self._found: dict[tuple[Any, ...], dict[int, torch.Tensor]] = {}
+
+    def vectors(self, prepared: PreparedCalibration, layers: Sequence[int], alpha: Mapping[int, float],
+                positions: frozenset[str], *, tick: Callable[[int], Any]) -> dict[int, torch.Tensor]:
+        """``prepared.vectors(...)``, or, for one alpha on every layer that is in
+        :attr:`alphas`, that alpha and the next ones of the grid calibrated together."""
+        values = set(alpha.values())
+        single = float(next(iter(values))) if len(values) == 1 else None
+        if single is None or single not in self.alphas:
+            return prepared.vectors(layers, alpha, positions, keep=True, tick=tick)
+        key = (id(prepared), tuple(layers), positions)
+        done = self._found.get((*key, single))
+        if done is None:
+            start = self.alphas.index(single)
+            group = [a for a in self.alphas[start:] if (*key, a) not in self._found][: self.ALPHAS_AT_ONCE]
+            found = prepared.vectors_for([{l: a for l in layers} for a in group], layers, positions, keep=True, tick=tick)
+            for a, v in zip(group, found):
+                self._found[(*key, a)] = v
+            done = self._found[(*key, single)]
+        return done
+
+    def close(self) -> None:
+        for prepared in self.prepared.values():
+            for key, value in prepared.stats.items():
+                self.stats[key] = self.stats.get(key, 0) + value
+            prepared.close()
+        self.prepared = {}
+
+
+_REUSE: contextvars.ContextVar[CalibrationReuse | None] = contextvars.ContextVar("lvlm_safety_cmrm_reuse", default=None)
+
+
+@contextlib.contextmanager
+def reusing_work(alphas: Sequence[float] = ()) -> Iterator[CalibrationReuse]:
+    """Inside the block, sequential calibrations of the same model, data, processor,
+    template, batch size, reference and measurement position share their preprocessing,
+    vision-tower and text-only forwards and the reference states up to their first
+    steered layer (:func:`run_sweep <lvlm_safety_plugins.methods.cmrm.sweep.run_sweep>`
+    calibrates every setting so). The kept states are removed when the block ends, also
+    on error; ``stats`` then holds what ran. ``alphas``: the alphas that will be asked
+    for in order (one per layer each): calibrated side by side in small groups."""
+    reuse = CalibrationReuse(alphas)
+    token = _REUSE.set(reuse)
+    try:
+        yield reuse
+    finally:
+        _REUSE.reset(token)
+        reuse.close()
 
 
 @torch.no_grad()
@@ -460,9 +672,27 @@ def calibrate(
             vectors = shift.means() if shift.count else {}
             count = shift.count
         else:
+            reuse = _REUSE.get()
             try:
-                vectors, count = sequential_vectors(model, batches(), chosen, alpha, kinds, measure_at=measure_at,
-                                                    store=store, progress=bar.update)
+                if reuse is None:
+                    vectors, count = sequential_vectors(model, batches(), chosen, alpha, kinds, measure_at=measure_at,
+                                                        store=store, progress=bar.update)
+                else:  # a sweep: the prepared forwards of the same data serve every setting
+                    key = (id(model), id(dataset), id(processor), prompt_template, str(image_folder), batch_size, reference,
+                           noise_seed, fill, measure_at, store, me, world)
+                    prepared = reuse.prepared.get(key)
+                    if prepared is None:
+                        prepared = PreparedCalibration(model, batches(), measure_at=measure_at, store=store, store_folder=None,
+                                                       tick=bar.update)
+                        reuse.prepared[key] = prepared
+                        reuse.stats["prepared"] += 1
+                    else:
+                        reuse.stats["reused"] += 1
+                        bar.update(len(starts))
+                    vectors = reuse.vectors(prepared, chosen, alpha, kinds, tick=bar.update)
+                    count = prepared.text.count
+                    reuse.stats["calibrations"] += 1
+                    how = "one pass, reusing the sweep's prepared forwards"
             except OnePassUnavailable as exc:
                 how = f"one reference pass per layer: {exc}"
                 warnings.warn(f"CMRM calibration: {type(model).__name__} cannot be calibrated in one pass ({exc}); "
@@ -537,4 +767,5 @@ def save_vectors(vectors: SteeringVectors, path: str | Path) -> Path:
     return target
 
 
-__all__ = ["STORES", "OnePassUnavailable", "ShiftAccumulator", "StateStore", "calibrate", "sequential_vectors", "iter_calibration_rows", "measure_mask", "measure_states", "save_vectors"]
+__all__ = ["STORES", "CalibrationReuse", "OnePassUnavailable", "PreparedCalibration", "ShiftAccumulator", "StateStore", "calibrate",
+           "reusing_work", "sequential_vectors", "iter_calibration_rows", "measure_mask", "measure_states", "save_vectors"]

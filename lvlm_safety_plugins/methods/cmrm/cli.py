@@ -116,6 +116,11 @@ def _cmd_sweep(args: argparse.Namespace, recipe: Any) -> int:
         mark = "  <- chosen" if p is result.chosen else ""
         print(f"{p.alpha:>6g}  {p.layers:<12} {p.positions or '-':<10} {p.apply_to or '-':<9} {p.variant or '-':<8} {p.reference or '-':<9} "
               f"{p.metrics['harmful_refused']:>15.3f} {p.metrics['benign_refused']:>14.3f} {p.metrics['utility']:>8.3f}{mark}")
+    cost = result.meta.get("cost", {})
+    if cost:
+        print(f"cost: {cost['settings']} settings, calibrating {cost['calibrate_s']:.1f} s ({cost.get('calibrations', 0)} sequential "
+              f"calibrations from {cost.get('prepared', 0)} prepared pass(es) over the data), measuring {cost['measure_s']:.1f} s "
+              f"(+ {cost['baseline_measure_s']:.1f} s unsteered)")
     print(f"rule: {rule.describe()}")
     if result.chosen is None:
         print("chosen: none: " + result.to_dict()["reason"])

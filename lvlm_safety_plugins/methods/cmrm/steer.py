@@ -33,7 +33,7 @@ import torch
 
 from ... import compat
 from ...adapters import ModelAdapter, get_adapter
-from ...capture import pool, run_to_layer
+from ...capture import last_masked, pool, run_to_layer
 from ...errors import ConfigError, LVLMSafetyError
 from ...steering import SteeringHandle, SteeringStep, unsteered, vector_edit
 from ...steering import apply as apply_edit
@@ -93,6 +93,9 @@ class _SampleShift:
         self.processor, self.noise_seed, self.blank_fill = processor, noise_seed, blank_fill
         self.sequential = sequential and bool(measure_kinds)
         self.measure_kinds = measure_kinds
+        #: ``blank`` / ``noise``: run the text-only and the reference forward as one
+        #: forward of both sets of rows where the model allows (:meth:`_batched_shift`)
+        self.batch_reference = True
 
     def _pooled(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         return measure_states(self.adapter, self.model, inputs, self.layers, self.measure_at)
@@ -112,6 +115,48 @@ class _SampleShift:
                         name="CMRM sample-level measurement"):
             run_to_layer(self.adapter, self.model, max(self.layers), **with_image)
         return shifts
+
+    def _batched_shift(self, with_image: Mapping[str, Any], text_only: Mapping[str, Any]) -> dict[int, torch.Tensor] | None:
+        """The text-only and the reference forward as one forward of both sets of rows
+        side by side (re-padded to one length): at each steered layer the shift is the
+        reference rows' pooled state minus the text rows' (with ``sequential``, then
+        subtracted from the reference rows; the text rows stay unsteered). ``None``
+        where the model cannot take rows with and without an image in one batch
+        (only HF Llava that does not splice features into its own sequence can)."""
+        from ...adapters.base import padding_side, repad
+        from ...adapters.hf import HFLlavaAdapter
+
+        if not isinstance(self.adapter, HFLlavaAdapter) or compat.llava_splices_image_features(self.model):
+            return None
+        ids_r, ids_t = with_image["input_ids"], text_only["input_ids"]
+        attn_r, attn_t = with_image["attention_mask"], text_only["attention_mask"]
+        side = padding_side(attn_r)
+        rows = int(ids_r.shape[0])
+        both = {k: v for k, v in with_image.items() if k not in ("input_ids", "attention_mask")}
+        both["input_ids"] = repad([*ids_t, *ids_r], self.adapter.pad_token_id, side)
+        both["attention_mask"] = repad([*attn_t, *attn_r], 0, side)
+        index = {layer: i for i, layer in enumerate(self.layers)}
+        shifts: dict[int, torch.Tensor] = {}
+        where: list[Any] = []
+
+        def measure(layer: int, hidden: torch.Tensor, step: SteeringStep) -> torch.Tensor | None:
+            assert step.layout is not None
+            if not where:
+                mask = measure_mask(step.layout, self.measure_at)
+                where.extend((mask, last_masked(mask) if self.measure_at == "last" else None))
+            pooled = pool(hidden.float(), where[0], self.measure_at, last=where[1])
+            shift = shifts[layer] = pooled[rows:] - pooled[:rows]
+            if not self.sequential or index[layer] == len(self.layers) - 1:
+                return None
+            delta = torch.zeros(2 * rows, 1, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+            delta[rows:, 0] = (-self.alpha[layer] * shift).to(hidden.dtype)
+            return delta
+
+        kinds = self.measure_kinds if self.sequential else frozenset({"image", "text"})
+        with apply_edit(self.model, measure, layers=self.layers, positions=kinds, adapter=self.adapter,
+                        name="CMRM sample-level measurement"):
+            run_to_layer(self.adapter, self.model, max(self.layers), **both)
+        return shifts if len(shifts) == len(self.layers) else None
 
     def prepare(self, step: SteeringStep) -> None:
         inputs = step.inputs
@@ -136,6 +181,12 @@ class _SampleShift:
                 step.memory["cmrm_text"] = self._pooled(text_only)
             step.memory["cmrm_shift"] = {}
             return
+        if self.batch_reference:
+            with unsteered(), torch.no_grad():
+                batched = self._batched_shift(with_image, text_only)
+            if batched is not None:
+                step.memory["cmrm_shift"] = batched
+                return
         with unsteered(), torch.no_grad():
             text = self._pooled(text_only)
             if self.sequential:
@@ -152,7 +203,11 @@ class _SampleShift:
             text = step.memory.get("cmrm_text")
             if text is None or step.layout is None:
                 raise LVLMSafetyError(f"CMRM sample level: no shift for layer {layer} (the prompt forward did not reach it)")
-            pooled = pool(hidden.detach().float(), measure_mask(step.layout, self.measure_at), self.measure_at)
+            where = step.memory.get("cmrm_where")
+            if where is None:  # once per prefill, for every layer
+                mask = measure_mask(step.layout, self.measure_at)
+                where = step.memory["cmrm_where"] = (mask, last_masked(mask) if self.measure_at == "last" else None)
+            pooled = pool(hidden.detach().float(), where[0], self.measure_at, last=where[1])
             shift = shifts[layer] = pooled - text[self.layers.index(layer)]
         return (-self.alpha[layer] * shift).to(hidden.device, hidden.dtype).unsqueeze(1)
 

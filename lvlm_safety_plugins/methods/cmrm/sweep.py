@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -211,6 +212,7 @@ def run_sweep(
     from ...recipe import Recipe, load_recipe
     from ...runtime import Runtime
     from ..layers import parse_layers
+    from .calibration import reusing_work
     from .steer import steered_positions
 
     rule = rule or SelectionRule()
@@ -220,46 +222,67 @@ def run_sweep(
     source = recipe.to_dict() if isinstance(recipe, Recipe) else recipe
     swept = {"variant": list(variant_choices), "reference": list(reference_choices), "positions": list(position_choices),
              "apply_to": list(apply_to_choices)}
-    settings: list[tuple[dict[str, str], str, int, bool]] = []
+    settings: list[tuple[dict[str, str], str, int, bool, Any]] = []
     seen: set[tuple[Any, ...]] = set()
     for values in itertools.product(*(choices or [""] for choices in swept.values())):
         named = dict(zip(swept, values))
         choice = {key: named[key] for key in DIMENSIONS}
         for layers in layer_choices:
-            cfg = load_recipe(source, [*overrides, f"cmrm.layers={layers}", "cmrm.vectors=unused.safetensors",
-                                       *_swept_overrides(choice)]).cmrm
+            base = load_recipe(source, [*overrides, f"cmrm.layers={layers}", *_swept_overrides(choice)])
+            cfg = base.cmrm
             kinds = steered_positions(cfg.positions.value, cfg.apply_to.value)  # the recipe check has refused empty ones
             key = (cfg.variant.value, cfg.reference.value, str(layers), kinds)
             if key not in seen:
                 seen.add(key)
                 ids = parse_layers(cfg.layers)
                 settings.append((choice, str(layers), len(ids) if ids is not None else get_adapter(model).num_layers,
-                                 cfg.variant.value == "dataset"))
+                                 cfg.variant.value == "dataset", base))
+    t0 = time.perf_counter()
     baseline = dict(measure(None))
+    baseline_s = time.perf_counter() - t0
     _check_metrics(baseline, "baseline")
     points = [SweepPoint(0.0, "none", baseline, 0)]
     bar = progress_bar(total=len(grid) * len(settings), desc="CMRM sweep", enabled=progress)
-    try:
-        for choice, layers, n_layers, calibrated in settings:
-            for alpha in grid:
-                point = SweepPoint(alpha, layers, {}, n_layers, **choice)
-                setting = [*overrides, *point.overrides]
-                if calibrated:  # dataset level: vectors calibrated for this setting
-                    setting.append(f"cmrm.vectors={vectors_file(work, layers, alpha, **_file_choices(choice))}")
-                runtime = Runtime(load_recipe(source, setting), model=model, processor=processor)
-                runtime.calibrate(processor, calibration)  # the sample variant has nothing to calibrate
-                point.metrics = dict(measure(runtime))
-                _check_metrics(point.metrics, f"alpha {alpha}, {point.label}")
-                points.append(point)
-                if on_point is not None:
-                    on_point(point)
-                bar.update()
-    finally:
-        bar.close()
+    spent = {"calibrate_s": 0.0, "measure_s": 0.0}
+    with reusing_work(grid) as reuse:
+        try:
+            for choice, layers, n_layers, calibrated, base in settings:
+                for alpha in grid:
+                    point = SweepPoint(alpha, layers, {}, n_layers, **choice)
+                    # the setting's recipe (its overrides are point.overrides): the base
+                    # loaded once per setting, with this alpha and vector file merged in
+                    target = str(vectors_file(work, layers, alpha, **_file_choices(choice))) if calibrated else base.cmrm.vectors
+                    runtime = Runtime(_with_alpha(base, alpha, target), model=model, processor=processor)
+                    t0 = time.perf_counter()
+                    runtime.calibrate(processor, calibration)  # the sample variant has nothing to calibrate
+                    t1 = time.perf_counter()
+                    point.metrics = dict(measure(runtime))
+                    spent["calibrate_s"] += t1 - t0
+                    spent["measure_s"] += time.perf_counter() - t1
+                    _check_metrics(point.metrics, f"alpha {alpha}, {point.label}")
+                    points.append(point)
+                    if on_point is not None:
+                        on_point(point)
+                    bar.update()
+        finally:
+            bar.close()
+    cost = {"settings": len(points) - 1, **spent, "baseline_measure_s": baseline_s, **reuse.stats}
     return SweepResult(baseline, points, rule, rule.select(points, baseline),
                        meta={"alphas": grid, "layer_choices": [str(l) for l in layer_choices],
                              **{f"{'position' if k == 'positions' else k}_choices": v for k, v in swept.items()},
-                             "overrides": list(overrides)})
+                             "overrides": list(overrides), "cost": cost})
+
+
+def _with_alpha(base: Any, alpha: float, vectors: str | None) -> Any:
+    """``base`` (a loaded :class:`~lvlm_safety_plugins.recipe.Recipe`) with
+    ``cmrm.alpha`` and ``cmrm.vectors`` set: what loading it again with those two
+    overrides gives, without composing and validating the recipe anew per point."""
+    from omegaconf import OmegaConf
+
+    from ...recipe import Recipe
+
+    merged = OmegaConf.merge(base.config, OmegaConf.create({"cmrm": {"alpha": float(alpha), "vectors": vectors}}))
+    return Recipe(name=base.name, path=base.path, config=merged, sources=list(base.sources))
 
 
 def _known(metrics: Mapping[str, float], key: str) -> bool:
