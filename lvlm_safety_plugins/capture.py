@@ -106,13 +106,35 @@ def run_to_layer(adapter: "ModelAdapter", model: torch.nn.Module, last: int, **i
         return model(**inputs, use_cache=False)
 
 
-def last_masked(mask: torch.Tensor) -> torch.Tensor:
-    """``[B]``: each row's last True position of ``mask [B, L]`` (-1 for an empty row)."""
-    idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    return torch.where(mask.bool(), idx, torch.full_like(idx, -1)).max(dim=1).values
+class LastPositions:
+    """Each row's last True position of a ``[B, L]`` mask, worked out once for pooling
+    many layers' states there (:func:`last_masked`)."""
+
+    __slots__ = ("rows", "index", "empty")
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = torch.where(mask.bool(), idx, torch.full_like(idx, -1)).max(dim=1).values
+        self.rows = torch.arange(mask.shape[0], device=mask.device)
+        self.index = last.clamp(min=0)
+        #: ``[B, 1]`` 1/0 per row where some row has no True position, else ``None``
+        self.empty = None if bool((last >= 0).all()) else (last >= 0).unsqueeze(-1)
+
+    def pick(self, hidden: torch.Tensor) -> torch.Tensor:
+        rows, index = self.rows, self.index
+        if rows.device != hidden.device:
+            rows, index = rows.to(hidden.device), index.to(hidden.device)
+        picked = hidden[rows, index]
+        return picked if self.empty is None else picked * self.empty.to(hidden.device, hidden.dtype)
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str = "mean", *, last: torch.Tensor | None = None) -> torch.Tensor:
+def last_masked(mask: torch.Tensor) -> LastPositions:
+    """The last True position of each row of ``mask [B, L]`` (zeros pooled for an empty
+    row), for :func:`pool`'s ``last``."""
+    return LastPositions(mask)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str = "mean", *, last: LastPositions | None = None) -> torch.Tensor:
     """Pool ``hidden [B, L, H]`` over the True positions of ``mask [B, L]``.
 
     ``mean``: the average over the masked positions (zeros for an empty row);
@@ -120,9 +142,7 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str = "mean", *, last: t
     ``last`` may pass :func:`last_masked` of ``mask`` computed once for many layers).
     """
     if how == "last" and last is not None:
-        last = last.to(hidden.device)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden[rows, last.clamp(min=0)] * (last >= 0).to(hidden.dtype).unsqueeze(-1)
+        return last.pick(hidden)
     m = mask.to(hidden.device)
     if how == "mean":
         weights = m.to(hidden.dtype).unsqueeze(-1)
@@ -172,7 +192,7 @@ class HiddenCapture:
         self.adapter = adapter
         self.layers = _capture_layers(adapter, layers, pooling)
         self.masks: dict[str, torch.Tensor] = {}
-        self._last: dict[str, torch.Tensor] = {}
+        self._last: dict[str, LastPositions] = {}
         self.pooling = pooling
         self.detach = detach
         self.on_mismatch = on_mismatch

@@ -351,7 +351,7 @@ class PreparedCalibration:
         self.text = ShiftAccumulator(every, self.adapter.hidden_size)
         self.inputs = StateStore(store, self.device, folder=store_folder)
         self.layouts: list[Any] = []
-        self.measure: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self.measure: list[tuple[torch.Tensor, Any]] = []
         self.checkpoint: tuple[int, StateStore] | None = None
         self.stats = {"reference_forwards": 0, "text_forwards": 0, "layer_calls": 0}
         try:
@@ -415,6 +415,7 @@ class PreparedCalibration:
         save = StateStore(self.store, self.device, folder=self.store_folder) if saving else None
         work = StateStore(self.store, self.device, folder=self.store_folder) if keep else self.inputs
         found: list[dict[int, torch.Tensor]] = [{} for _ in alphas]
+        wide_measure: dict[int, tuple[torch.Tensor, Any]] = {}
         delta: torch.Tensor | None = None  # [n * B, 1, H] per batch, built from [n, H]
         try:
             with unsteered():
@@ -437,8 +438,11 @@ class PreparedCalibration:
                             hidden = compat.call_layer(decoder[k], hidden, call)
                         self.stats["layer_calls"] += (layer - done) * rows
                         where, last = self.measure[i]
-                        if rows > 1:
-                            where, last = where.repeat(rows, 1), (last.repeat(rows) if last is not None else None)
+                        if rows > 1:  # the batch's rows once per alpha: their masks too (worked out once)
+                            if i not in wide_measure:
+                                repeated = where.repeat(rows, 1)
+                                wide_measure[i] = (repeated, last_masked(repeated) if last is not None else None)
+                            where, last = wide_measure[i]
                         pooled = pool(hidden, where.to(hidden.device), self.measure_at, last=last).float().double()
                         pooled = pooled.view(rows, batch, -1).sum(1)
                         total = pooled if total is None else total + pooled
