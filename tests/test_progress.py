@@ -35,16 +35,18 @@ def test_silence_is_process_wide():
     assert out == ["False", "True"]
 
 
-def test_demo_bar_counts_finished_methods_and_names_running_ones(monkeypatch):
+def test_demo_bar_counts_finished_methods_and_names_running_stages(monkeypatch):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     buf = io.StringIO()
     bar = progress_bar(total=2 * len(METHODS), file=buf, enabled=True, mininterval=0)
-    records = [{"seed": 0, "methods": {"baseline": {}, "tga": {}}, "failed": {}},
-               {"seed": 1, "methods": {}, "failed": {"baseline": "RuntimeError: x"}}]
+    # a seed names the stage it is in; one that has not reported a stage yet builds its world
+    records = [{"seed": 0, "methods": {METHODS[0]: {}, METHODS[1]: {}}, "failed": {}, "stage": f"stage 2 ({METHODS[2]})"},
+               {"seed": 1, "methods": {}, "failed": {METHODS[0]: "RuntimeError: x"}}]
     _show_progress(bar, records)
     assert bar.n == 3
-    assert bar.postfix == f"seed 0: {METHODS[2]}, seed 1: {METHODS[1]}"
+    assert bar.postfix == f"seed 0: stage 2 ({METHODS[2]}), seed 1: world"
     records[0]["methods"].update({m: {} for m in METHODS})
+    records[1]["stage"] = "stage 1"
     _show_progress(bar, records)
-    assert bar.n == len(METHODS) + 1 and bar.postfix == f"seed 1: {METHODS[1]}"
+    assert bar.n == len(METHODS) + 1 and bar.postfix == "seed 1: stage 1"
     bar.close()

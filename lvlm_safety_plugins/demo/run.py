@@ -333,7 +333,7 @@ def provenance(processes: int) -> dict[str, Any]:
     import os
     import platform
 
-    import transformers
+    from ..compat import installed_transformers
 
     cpu, flags = platform.processor() or platform.machine(), []
     try:
@@ -345,7 +345,7 @@ def provenance(processes: int) -> dict[str, Any]:
                 flags = value.split()
     except OSError:
         pass
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+    return {"torch": torch.__version__, "transformers": installed_transformers(), "python": platform.python_version(),
             "platform": platform.platform(), "cpu": cpu, "cpu_flags": flags, "cpu_count": os.cpu_count(),
             "processes": processes, "threads_per_seed": 1}
 

@@ -53,9 +53,9 @@ class ShieldGemma2Check:
         try:
             from transformers import AutoProcessor, ShieldGemma2ForImageClassification
         except ImportError:
-            import transformers
+            from ..compat import installed_transformers
 
-            raise JudgeError(f"shieldgemma2 image check needs transformers >= 4.50 (installed: {transformers.__version__})") from None
+            raise JudgeError(f"shieldgemma2 image check needs transformers >= 4.50 (installed: {installed_transformers()})") from None
         import torch
 
         kwargs: dict[str, Any] = {"local_files_only": True}
