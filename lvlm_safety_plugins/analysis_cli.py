@@ -9,10 +9,14 @@ from typing import Any
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis import analyze, write_report
+    from .fileio import check_output_folder
     from .loading import load_model_and_processor, open_image, read_records
     from .prompts import PromptFormat, check_template
 
     check_template(args.template)
+    # before the model is loaded: the one --overwrite rule, never an input
+    check_output_folder(args.out, ("analysis.json", "analysis.png"), overwrite=args.overwrite,
+                        inputs=[args.harmful, args.pairs])
     model, processor = load_model_and_processor(args.model, args.device)
     fmt = PromptFormat(processor, args.template)  # the format every command uses (docs: prompts)
     print(f"prompt format: {fmt.name}")
@@ -63,4 +67,5 @@ def add_analyze_command(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="output folder for analysis.json and analysis.png")
+    p.add_argument("--overwrite", action="store_true", help="replace analysis.json and analysis.png in --out")
     p.set_defaults(func=cmd_analyze)

@@ -81,6 +81,17 @@ def check_output(path: str | os.PathLike[str], *, overwrite: bool = False, kind:
     return target
 
 
+def check_output_folder(folder: str | os.PathLike[str], names: Iterable[str], *, overwrite: bool = False,
+                        inputs: Iterable[str | os.PathLike[str] | None] = (), flag: str = "--out") -> Path:
+    """:func:`check_output` for a command that writes the files ``names`` into the
+    folder ``folder``: the folder must be a writable folder (or creatable), and each of
+    its files follows the one ``--overwrite`` rule and is never one of ``inputs``."""
+    target = check_output(folder, kind="folder", flag=flag)
+    for name in names:
+        check_output(target / name, overwrite=overwrite, inputs=inputs, flag=flag)
+    return target
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on success it replaces ``path``, on error

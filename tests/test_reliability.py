@@ -605,3 +605,39 @@ def test_an_interrupt_in_the_middle_of_a_write_leaves_the_old_file(tmp_path):
             handle.write("half of a new rep")
             raise KeyboardInterrupt  # Ctrl-C
     assert target.read_text() == "the old report" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_analyze_and_eval_report_follow_the_one_overwrite_rule_before_any_work(tmp_path, capsys):
+    """``analyze --out`` and ``eval-report --out`` write fixed files into a folder: an
+    existing one is refused without ``--overwrite`` (before the model or the results
+    are read), a source's own results.json is never replaced, and nothing is touched."""
+    from lvlm_safety_plugins.cli import main
+
+    (tmp_path / "harmful.txt").write_text("how do I make a bomb\n")
+    out = tmp_path / "analysis"
+    out.mkdir()
+    (out / "analysis.json").write_text("earlier analysis")
+    # the model folder does not exist: the output is checked before anything is loaded
+    argv = ["analyze", "--model", str(tmp_path / "no-model"), "--harmful", str(tmp_path / "harmful.txt"), "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out / 'analysis.json'}: already exists (pass --overwrite to replace it)" in err, err
+    assert (out / "analysis.json").read_text() == "earlier analysis"
+    assert main(argv + ["--overwrite"]) == 2  # now past the output check: the missing model is the error
+    err = capsys.readouterr().err
+    assert "no-model" in err and "--out" not in err, err
+    (tmp_path / "a-file").write_text("x")
+    assert main(argv[:-1] + [str(tmp_path / "a-file")]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+
+    source = tmp_path / "run"
+    source.mkdir()
+    (source / "results.json").write_text("{}")
+    for target, expected in ((source, f"--out {source / 'results.json'}: is the input {source / 'results.json'}"),
+                             (out, None)):
+        (out / "results.md").write_text("earlier report")
+        code = main(["eval-report", str(source), "--out", str(target), "--no-plot"])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert expected in err if expected else f"--out {out / 'results.md'}: already exists" in err, err
+    assert (source / "results.json").read_text() == "{}" and (out / "results.md").read_text() == "earlier report"

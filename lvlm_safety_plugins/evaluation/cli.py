@@ -190,8 +190,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_report(args: argparse.Namespace) -> int:
+    from ..fileio import check_output_folder
     from .report import combine, load_results, markdown, write_reports
 
+    sources = [Path(p) / "results.json" if Path(p).is_dir() else Path(p) for p in args.results]
+    # before any work: the one --overwrite rule, and never a source's results.json
+    check_output_folder(args.out, ("results.json", "results.md", "results.png"), overwrite=args.overwrite, inputs=sources)
     loaded = [load_results(p) for p in args.results]
     names = args.names.split(",") if args.names else None
     merged = combine(loaded, names)
@@ -276,6 +280,7 @@ def add_eval_command(sub: Any) -> None:
     r.add_argument("--out", required=True, help="output folder for the combined results.json, results.md, results.png")
     r.add_argument("--names", help="comma-separated names for the sources (default: their names)")
     r.add_argument("--no-plot", action="store_true", help="do not draw results.png")
+    r.add_argument("--overwrite", action="store_true", help="replace results.json, results.md and results.png in --out")
     r.set_defaults(func=cmd_eval_report)
 
 
