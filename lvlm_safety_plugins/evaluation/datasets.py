@@ -153,6 +153,16 @@ def _first(paths: Iterable[Path], default: Path) -> Path:
     return next((p for p in paths if p.is_file()), default)
 
 
+def _json_records(path: Path, name: str) -> tuple[Path, list[Any]]:
+    """``path`` (the file ``name``, its folder, or a checkout with it under ``data/``)
+    and its rows: a JSON list of records, else an error naming the file."""
+    file = _first([path / name, path / "data" / name], path / name) if path.is_dir() else path
+    rows = _read_json(file)
+    if not isinstance(rows, list):
+        raise DataFileError(f"{file}: expected a JSON list of records")
+    return file, rows
+
+
 PROBES = 20  # how many of the first rows' images are looked for when finding the image folder
 
 
@@ -456,12 +466,7 @@ def load_vlguard(path: str | Path, subset: str = "all", image_dir: str | Path | 
         raise DataFileError(f"vlguard: unknown subset(s) {', '.join(bad)} (valid: {', '.join(VLGUARD_SUBSETS)}, all)")
     if category not in ("subset", "harmful_category"):
         raise DataFileError(f"vlguard: category must be 'subset' or 'harmful_category', got {category!r}")
-    file = Path(path)
-    if file.is_dir():
-        file = _first([file / "test.json", file / "data" / "test.json"], file / "test.json")
-    rows = _read_json(file)
-    if not isinstance(rows, list):
-        raise DataFileError(f"{file}: expected a JSON list of records")
+    file, rows = _json_records(Path(path), "test.json")
     probes = [r["image"] for r in rows[:PROBES] if isinstance(r, dict) and isinstance(r.get("image"), str)]
     candidates = [Path(image_dir)] if image_dir else [
         file.parent / "test", file.parent / "VLGuard" / "test", file.parent.parent / "test", file.parent, file.parent / "images"]
@@ -691,12 +696,7 @@ def load_vlsbench(path: str | Path, image_dir: str | Path | None = None, categor
     (default) or ``sub_category``."""
     if category not in ("category", "sub_category"):
         raise DataFileError(f"vlsbench: category must be 'category' or 'sub_category', got {category!r}")
-    file = Path(path)
-    if file.is_dir():
-        file = _first([file / "data.json", file / "data" / "data.json"], file / "data.json")
-    rows = _read_json(file)
-    if not isinstance(rows, list):
-        raise DataFileError(f"{file}: expected a JSON list of records")
+    file, rows = _json_records(Path(path), "data.json")
     probes = [r["image_path"] for r in rows[:PROBES] if isinstance(r, dict) and isinstance(r.get("image_path"), str)]
     candidates = [Path(image_dir)] if image_dir else [file.parent, file.parent.parent, file.parent / "vlsbench"]
     img_root = _image_root(candidates, probes, "VLSBench image", str(file), explicit=bool(image_dir))
@@ -716,19 +716,6 @@ def load_vlsbench(path: str | Path, image_dir: str | Path | None = None, categor
 # ---------------------------------------------------------------------------
 
 
-def _siuo_file(path: Path, name: str) -> Path:
-    if path.is_dir():
-        return _first([path / name, path / "data" / name], path / name)
-    return path
-
-
-def _siuo_rows(file: Path) -> tuple[list[dict[str, Any]], Path]:
-    rows = _read_json(file)
-    if not isinstance(rows, list):
-        raise DataFileError(f"{file}: expected a JSON list of records")
-    return rows, file
-
-
 def _siuo_root(file: Path, rows: list[Any], image_dir: str | Path | None) -> Path:
     probes = [r["image"] for r in rows[:PROBES] if isinstance(r, dict) and isinstance(r.get("image"), str)]
     candidates = [Path(image_dir)] if image_dir else [file.parent / "images", file.parent, file.parent.parent / "data" / "images"]
@@ -741,7 +728,7 @@ def load_siuo(path: str | Path, image_dir: str | Path | None = None) -> Iterator
     "reference_answer"}``. Image and question are each safe, together unsafe: every item
     is harmful. Images from the authors' archive, unzipped under ``data/images`` (or
     ``image_dir``). Category: ``category``."""
-    rows, file = _siuo_rows(_siuo_file(Path(path), "siuo_gen.json"))
+    file, rows = _json_records(Path(path), "siuo_gen.json")
     root = _siuo_root(file, rows, image_dir)
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
@@ -758,7 +745,7 @@ def load_siuo_mcqa(path: str | Path, image_dir: str | Path | None = None) -> Ite
     ``{"question_id", "image", "question", "category", "options": {"A": ..., ...},
     "correct_option": "A"}``; the right option is the safe answer, so accuracy here is
     a safety score. Asked with the lettered options (LLaVA's multiple-choice prompt)."""
-    rows, file = _siuo_rows(_siuo_file(Path(path), "siuo_mcqa.json"))
+    file, rows = _json_records(Path(path), "siuo_mcqa.json")
     root = _siuo_root(file, rows, image_dir)
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
