@@ -399,7 +399,16 @@ def guard_categories(text: str) -> list[str]:
     return re.findall(r"S\d+", lines[1])
 
 
-class LlamaGuard3Judge(LLMJudge):
+class _GuardVerdicts:
+    """Llama Guard's verdict format (versions 3 and 4) for a generating judge."""
+
+    def parse(self, text: str) -> bool | None:
+        return parse_guard_verdict(text)
+
+    categories = staticmethod(guard_categories)
+
+
+class LlamaGuard3Judge(_GuardVerdicts, LLMJudge):
     """Llama Guard 3 (text): the request and the answer as a user and an assistant turn
     through the model's own chat template (which writes its policy prompt), greedy
     decoding, and its verdict: a first line ``safe`` or ``unsafe``, then the violated
@@ -414,11 +423,6 @@ class LlamaGuard3Judge(LLMJudge):
         super().__init__(model=model, format="conversation", mode="generate", on_unparsed=on_unparsed,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype, progress=progress)
 
-    def parse(self, text: str) -> bool | None:
-        return parse_guard_verdict(text)
-
-    categories = staticmethod(guard_categories)
-
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "name": self.name, "preset": "Llama Guard 3: the model's chat template, generated verdict"}
 
@@ -429,7 +433,7 @@ def _torchvision_missing() -> bool:
     return importlib.util.find_spec("torchvision") is None
 
 
-class LlamaGuard4Judge(LLMJudge):
+class LlamaGuard4Judge(_GuardVerdicts, LLMJudge):
     """Llama Guard 4 (multimodal, ``Llama4ForConditionalGeneration``): a user turn with
     the image and the request and an assistant turn with the answer, through the
     model's own chat template (which writes its policy prompt and categories), greedy
@@ -559,11 +563,6 @@ class LlamaGuard4Judge(LLMJudge):
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str], images: Sequence[Any] | None = None) -> list[bool]:
         return self._decide(self.verdicts(prompts, responses, images))
-
-    def parse(self, text: str) -> bool | None:
-        return parse_guard_verdict(text)
-
-    categories = staticmethod(guard_categories)
 
     def describe(self) -> dict[str, Any]:
         support = ("image with request and answer; items without an image on the text only" if self.no_images_reason is None
