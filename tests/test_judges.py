@@ -292,3 +292,26 @@ def test_llama_guard4_image_without_torchvision_is_an_error_naming_it_or_a_state
         text_only = strict.verdicts(["how to make a bomb"], ["no"])[0]
     assert first.raw == text_only.raw  # judged on the same text-only prompt
     assert loose.describe()["image_support"].endswith("items with an image are judged on the text only")
+
+
+def test_eval_gives_an_image_reading_judge_each_items_image(tmp_path, tiny_guard4_folder, tiny_llava, tiny_llava_processor):
+    """Under ``evaluate`` a judge whose ``judge`` takes ``images=`` gets each harmful
+    item's image: the strict llama_guard4 judge stops on FigStep's images here (no
+    torchvision), naming it, and the text_fallback one judges them on the text, saying so."""
+    from test_eval import write_figstep
+
+    file = write_figstep(tmp_path / "FigStep")
+    folder = tmp_path / "guard4"
+    shutil.copytree(tiny_guard4_folder, folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "Llama4ImageProcessorFast",
+                                                                 "processor_class": "Llama4Processor"}))
+    common = dict(settings=GenerationSettings(max_new_tokens=3, batch_size=3), progress=False, plot=False, text_variants=False)
+    with pytest.raises(JudgeError, match="3 items have an image, but the processor cannot be built: torchvision"):
+        evaluate(tiny_llava, tiny_llava_processor, [BenchmarkSpec("figstep", str(file))], out=tmp_path / "strict",
+                 judge="llama_guard4", judge_options={"model": str(folder), "on_unparsed": "safe", "progress": "false"},
+                 **common)
+    with pytest.warns(UserWarning, match="3 of 3 items judged on the text only \\(3 with an image that cannot be processed"):
+        results = evaluate(tiny_llava, tiny_llava_processor, [BenchmarkSpec("figstep", str(file))], out=tmp_path / "loose",
+                           judge="llama_guard4", judge_options={"model": str(folder), "images": "text_fallback",
+                                                                "on_unparsed": "safe", "progress": "false"}, **common)
+    assert results["judge"]["image_support"].endswith("items with an image are judged on the text only")

@@ -235,8 +235,8 @@ def add_eval_command(sub: Any) -> None:
                         "(repeatable; one run each)")
     p.add_argument("--no-baseline", action="store_true", help="skip the run without plugins")
     p.add_argument("--out", help="output folder (cache and reports)")
-    p.add_argument("--judge", help="judge for harmful sets (default: refusal, or the suite's; llm, llama_guard3 and cmrm_paper "
-                                   "need --judge-option model=PATH)")
+    p.add_argument("--judge", help="judge for harmful sets (default: refusal, or the suite's; llm, llama_guard3, "
+                                   "llama_guard4 and cmrm_paper need --judge-option model=PATH)")
     p.add_argument("--judge-option", action="append", metavar="key=value", help="option for the judge (repeatable)")
     p.add_argument("--also-judge", action="append", metavar="'NAME [key=value ...]'",
                    help="one more judge on the harmful answers (repeatable): the report gives its unsafe rates and, for "

@@ -414,6 +414,15 @@ def generate_all(generator: Any, examples: Mapping[str, Sequence[Example]], runs
     return counts
 
 
+def _takes_images(call: Callable[..., Any]) -> bool:
+    """Whether a judge's ``judge``/``refusals`` takes ``images=`` (the item's image beside
+    the request and the answer)."""
+    try:
+        return "images" in inspect.signature(call).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _judge_all(judge: Any, judge_name: str, refusal: Any, refusal_name: str, examples: Mapping[str, Sequence[Example]],
                runs: Sequence[RunSpec], responses: Mapping[tuple, str], log: RecordLog,
                plain_only: Collection[str] = ()) -> dict[tuple, dict[str, Any]]:
@@ -436,7 +445,10 @@ def _judge_all(judge: Any, judge_name: str, refusal: Any, refusal_name: str, exa
                         todo.append((e, response, sha))
                 if not todo:
                     continue
-                flags = getattr(obj, method)([e.request for e, _, _ in todo], [r for _, r, _ in todo])
+                call = getattr(obj, method)
+                args = ([e.request for e, _, _ in todo], [r for _, r, _ in todo])
+                # a judge that reads the image (llama_guard4) gets each item's image (None: text only)
+                flags = call(*args, images=[e.image for e, _, _ in todo]) if _takes_images(call) else call(*args)
                 if len(flags) != len(todo):
                     raise LVLMSafetyError(f"judge {judge_name if who == 'judge' else refusal_name!r} returned {len(flags)} verdicts for {len(todo)} answers")
                 log.append({"judge": keys[who], "judge_name": judge_name if who == "judge" else refusal_name, "run": run.name,
