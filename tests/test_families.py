@@ -21,7 +21,10 @@ What each row checks, against computations written here (never against the adapt
   dataset- and sample-level steering in ``generate`` with the KV cache equal the same
   edit written as a plain forward hook; folding into the MLP bias equals hooked steering
   where the MLP's output is added to the residual stream as it is;
-- TGA's capture: projector output and pooled image states, with gradients;
+- TGA's capture: projector output and pooled image states, with gradients; on Qwen3-VL
+  also each deepstack merger's output (``projector_outputs``), checked against what the
+  model adds after the deepstack layer; ``analyze`` leaves the deepstack layers' image
+  cosines ``None``; TGA's caption teacher context drops the image markers;
 - the comparative loss's drop and crop ablations give three different losses and a
   gradient;
 - afterwards no hook is left and every parameter is bit-identical.

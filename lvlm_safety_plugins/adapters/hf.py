@@ -87,14 +87,16 @@ class HFQwen2VLAdapter(ModelAdapter):
     projector_paths = compat.QWEN2VL_PROJECTOR_PATHS
     image_keys = ("pixel_values", "image_grid_thw")
 
+    def marker_token_ids(self) -> list[int]:
+        cfg = self.model.config
+        return [int(t) for t in (getattr(cfg, k, None) for k in ("vision_start_token_id", "vision_end_token_id"))
+                if t is not None]
+
     def text_only_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         ids = batch["input_ids"]
-        cfg = self.model.config
         drop = self.image_token_positions(ids)
-        for key in ("vision_start_token_id", "vision_end_token_id"):
-            tok = getattr(cfg, key, None)
-            if tok is not None:
-                drop = drop | (ids == int(tok))
+        for tok in self.marker_token_ids():
+            drop = drop | (ids == tok)
         return self._drop_tokens(batch, drop)
 
 
