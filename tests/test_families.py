@@ -683,36 +683,40 @@ def test_qwen3vl_capture_holds_everything_that_reaches_the_llm(f: Family):
 
 @pytest.mark.parametrize("f", QWEN3VL[:1], ids=_row_id)
 def test_qwen3vl_analysis_leaves_the_deepstack_layers_unmeasured(f: Family, tmp_path):
-    """``analyze``'s image-caption cosine is ``None`` (``null``) at the layers whose image
-    states lack the deepstack addition, with a note naming them; measured elsewhere."""
+    """``analyze``'s image-caption cosine is ``None`` (``null`` in analysis.json) at the
+    layers whose image states lack the deepstack addition, with a note naming them and
+    why; measured at the other layers (against hooks written here)."""
     import json
 
-    from lvlm_safety_plugins.analysis import SafetyAnalysis, image_caption_similarity, unmeasured_image_layers, write_report
+    from lvlm_safety_plugins.analysis import analyze, unmeasured_image_layers, write_report
+    from lvlm_safety_plugins.testing import tiny_tokenizer
 
     model = _build(f)
     adapter = get_adapter(model)
     k = adapter.deepstack_layers
     refused, reason = unmeasured_image_layers(adapter)
     assert refused == list(range(k)) and "deepstack" in reason and f"layers {refused}" in reason
-    batch, caption = _batch(f), torch.tensor([[20, 21, 22]] * 2)
+    batch = _batch(f)
 
-    class Processor:  # no Qwen3-VL processor builds offline: the layout _batch writes
+    class Processor:  # no Qwen3-VL processor builds offline: the layout _batch writes, a real tiny tokenizer
+        tokenizer = tiny_tokenizer()
+
         def __call__(self, text, images, **kwargs):
             return dict(batch)
 
-        def tokenizer(self, texts, **kwargs):
-            return {"input_ids": caption, "attention_mask": torch.ones_like(caption)}
-
-    pairs = [{"image": None, "caption": "c", "prompt": "p"}] * 2
-    cos = image_caption_similarity(model, Processor(), pairs, progress=False)
+    pairs = [{"image": None, "caption": "a red cat", "prompt": "p"}] * 2
+    result = analyze(model, Processor(), ["how to make a bomb"], pairs, refusal_words=["sorry"], progress=False)
+    cos = result.image_caption_cos
     assert cos[:k] == [None] * k
+    assert any(f"image_caption_cos is null at layers {refused}" in n and "deepstack" in n for n in result.notes)
+    caption = Processor.tokenizer(["a red cat"] * 2, return_tensors="pt")
     states = []  # by hand at the measured layers: each decoder layer's output, hooked here
     handles = [layer.register_forward_hook(lambda m, a, o: states.append(_tensor(o)) and None)
                for layer in _decoder(model).layers]
     try:
         with torch.no_grad():
             model(**batch)
-            model(input_ids=caption, attention_mask=torch.ones_like(caption))
+            model(**caption)
     finally:
         for h in handles:
             h.remove()
@@ -723,8 +727,6 @@ def test_qwen3vl_analysis_leaves_the_deepstack_layers_unmeasured(f: Family, tmp_
         pooled = (img[layer] * mask).sum(1) / mask.sum(1)
         hand = torch.nn.functional.cosine_similarity(pooled, cap[layer].mean(1), dim=-1).mean()
         assert cos[layer] == pytest.approx(float(hand), abs=1e-5)
-    result = SafetyAnalysis(type(model).__name__, adapter.num_layers, ["sorry"], [3], [0.1] * adapter.num_layers, cos,
-                            [1], 1, 2)
     write_report(result, tmp_path)
     assert json.loads((tmp_path / "analysis.json").read_text())["image_caption_cos"][:k] == [None] * k
 
