@@ -644,9 +644,9 @@ def test_qwen3vl_capture_holds_everything_that_reaches_the_llm(f: Family):
     adapter.set_trainable("projector")
     seen, io = {}, {}
 
-    def keep(store, name):  # the first output of a module (hooks return nothing: nothing is changed)
-        def hook(module, args, output):
-            store.setdefault(name, _tensor(output))
+    def keep(store, name, copy=False):  # the first output of a module (hooks return nothing: nothing is changed)
+        def hook(module, args, output):  # copy: 4.57 adds the deepstack features in place to the layer's output
+            store.setdefault(name, _tensor(output).detach().clone() if copy else _tensor(output))
         return hook
 
     def keep_input(module, args, kwargs):
@@ -654,7 +654,7 @@ def test_qwen3vl_capture_holds_everything_that_reaches_the_llm(f: Family):
 
     layers = _decoder(model).layers
     handles = [visual.merger.register_forward_hook(keep(seen, "projector")),
-               layers[k - 1].register_forward_hook(keep(io, "out")),
+               layers[k - 1].register_forward_hook(keep(io, "out", copy=True)),
                layers[k].register_forward_pre_hook(keep_input, with_kwargs=True)]
     for i, merger in enumerate(visual.deepstack_merger_list):
         handles.append(merger.register_forward_hook(keep(seen, f"deepstack.{i}")))
@@ -672,7 +672,7 @@ def test_qwen3vl_capture_holds_everything_that_reaches_the_llm(f: Family):
         assert tensor is seen[name] and tensor.requires_grad, name
     mask = adapter.layout(batch).image_mask
     assert got[f"deepstack.{k - 1}"].shape == (int(mask.sum()), adapter.hidden_size)
-    expected = io["out"].detach().clone()
+    expected = io["out"].clone()
     expected[mask] += got[f"deepstack.{k - 1}"].detach()
     torch.testing.assert_close(io["in"].detach(), expected)  # what the LLM's layer k receives
     for i in range(k):  # each deepstack merger gets a gradient through its captured output
