@@ -9,7 +9,10 @@ Per decoder layer:
   "sorry", "cannot", found through the tokenizer, never hard-coded ids) is averaged
   over prompts. The layers where it rises are where the text safety mechanism acts.
 - **image-caption similarity**: cosine similarity between the mean hidden state of an
-  image's tokens and the mean hidden state of its caption in a text-only pass.
+  image's tokens and the mean hidden state of its caption in a text-only pass. Layers
+  whose image states the adapter refuses (Qwen3-VL's deepstack layers, where visual
+  features are added after the layer's output) are ``None`` (``null`` in
+  ``analysis.json``), with a note naming them and why.
 
 ``safety_layers`` (the input of ``tga: {layers: auto}``): from the first layer whose
 refusal probability reaches half of its peak, through the peak layer.
@@ -26,7 +29,7 @@ import torch
 
 from .adapters import get_adapter
 from .capture import HiddenCapture
-from .errors import DataError
+from .errors import DataError, LayerError
 from .fileio import atomic_write_text, save_figure
 from .progress import progress_bar
 
@@ -49,7 +52,7 @@ class SafetyAnalysis:
     refusal_words: list[str]
     refusal_token_ids: list[int]
     refusal_prob: list[float]
-    image_caption_cos: list[float] | None
+    image_caption_cos: list[float | None] | None
     safety_layers: list[int]
     n_harmful: int
     n_pairs: int
@@ -151,6 +154,28 @@ def logit_lens_refusal(
     return (totals / max(1, len(prompts))).tolist()
 
 
+def unmeasured_image_layers(adapter: Any) -> tuple[list[int], str | None]:
+    """The layers whose image states ``adapter`` refuses (its ``check_image_state_layers``,
+    as :class:`~lvlm_safety_plugins.capture.ForwardCapture` does; Qwen3-VL's deepstack
+    layers) and the adapter's reason, or ``([], None)``."""
+    check = getattr(adapter, "check_image_state_layers", None)
+    if check is None:
+        return [], None
+    refused = []
+    for layer in range(adapter.num_layers):
+        try:
+            check([layer])
+        except LayerError:
+            refused.append(layer)
+    if not refused:
+        return [], None
+    try:
+        check(refused)
+    except LayerError as exc:
+        return refused, str(exc)
+    return refused, None  # pragma: no cover - a check that refuses layers one by one only
+
+
 @torch.no_grad()
 def image_caption_similarity(
     model: torch.nn.Module,
@@ -159,8 +184,10 @@ def image_caption_similarity(
     *,
     batch_size: int = 8,
     progress: bool = True,
-) -> list[float]:
-    """Mean cosine similarity per layer between an image's tokens and its caption.
+) -> list[float | None]:
+    """Mean cosine similarity per layer between an image's tokens and its caption;
+    ``None`` at the layers whose image states the adapter refuses
+    (:func:`unmeasured_image_layers`: Qwen3-VL's deepstack layers).
 
     ``pairs``: dicts with ``image`` (PIL image), ``caption`` and ``prompt`` (the text
     that carries the image placeholder, e.g. ``"USER: <image> ASSISTANT:"``).
@@ -182,7 +209,8 @@ def image_caption_similarity(
         cos = torch.nn.functional.cosine_similarity(img.stacked("img").float(), cap.stacked("cap").float(), dim=-1)
         totals += cos.sum(dim=1).double().cpu()
         count += len(chunk)
-    return (totals / max(1, count)).tolist()
+    refused, _ = unmeasured_image_layers(adapter)
+    return [None if layer in refused else value for layer, value in enumerate((totals / max(1, count)).tolist())]
 
 
 def analyze(
@@ -213,6 +241,9 @@ def analyze(
     if not pairs:
         notes.append("no image-caption pairs given: image_caption_cos not measured")
     adapter = get_adapter(model)
+    refused, reason = unmeasured_image_layers(adapter)
+    if cos is not None and refused:
+        notes.append(f"image_caption_cos is null at layers {refused}: {reason}")
     return SafetyAnalysis(
         model_class=type(model).__name__,
         num_layers=adapter.num_layers,
@@ -245,7 +276,8 @@ def draw_analysis(result: SafetyAnalysis) -> Any:
     handles, labels = ax.get_legend_handles_labels()
     if result.image_caption_cos is not None:
         ax2 = ax.twinx()
-        ax2.plot(layers, result.image_caption_cos, marker="s", color="tab:orange", label="cos(image tokens, caption)")
+        cos = [float("nan") if c is None else c for c in result.image_caption_cos]  # unmeasured layers: a gap
+        ax2.plot(layers, cos, marker="s", color="tab:orange", label="cos(image tokens, caption)")
         ax2.set_ylabel("cosine similarity")
         more = ax2.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]
@@ -279,5 +311,6 @@ __all__ = [
     "logit_lens_refusal",
     "partial_refusal_words",
     "refusal_token_ids",
+    "unmeasured_image_layers",
     "write_report",
 ]

@@ -40,7 +40,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     written = write_report(result, args.out)
     print(f"{'layer':>5}  {'refusal p':>10}  {'cos(img,cap)':>12}")
     for layer, p in enumerate(result.refusal_prob):
-        cos = f"{result.image_caption_cos[layer]:12.4f}" if result.image_caption_cos else f"{'-':>12}"
+        value = result.image_caption_cos[layer] if result.image_caption_cos else None
+        cos = f"{value:12.4f}" if value is not None else f"{'-':>12}"  # '-': not measured (see the notes)
         mark = "  <- safety layer" if layer in result.safety_layers else ""
         print(f"{layer:>5}  {p:10.4f}  {cos}{mark}")
     print(f"safety layers: {result.safety_layers}")

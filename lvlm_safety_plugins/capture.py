@@ -295,6 +295,10 @@ class ForwardCapture:
     - :attr:`projector_output`: the vision-to-language projector's output as the host
       produced it (for LLaVA and HF Llava ``[num_images, image_tokens, hidden]``), with
       its gradient;
+    - :attr:`projector_outputs`: ``{"projector": projector_output}`` plus the outputs of
+      the adapter's :attr:`~lvlm_safety_plugins.adapters.base.ModelAdapter.projector_extras`,
+      the other modules whose output reaches the LLM (Qwen3-VL: ``"deepstack.<i>"``,
+      ``[image_tokens, hidden]`` added at the image positions after decoder layer ``i``);
     - :attr:`input_embeddings`: the decoder's input sequence ``[batch, length, hidden]``
       (text embeddings with the image features spliced in: the LM's view of the
       projector output); :meth:`image_embeddings` picks one row's image tokens;
@@ -344,6 +348,8 @@ class ForwardCapture:
         self._want_embeddings = embeddings
         self._states: dict[int, torch.Tensor] = {}
         self._projector: torch.Tensor | None = None
+        self._extras: dict[str, torch.Tensor] = {}
+        self._extra_names: list[str] = []
         self._embeddings: torch.Tensor | None = None
         self._handles: list[Any] = []
 
@@ -381,6 +387,13 @@ class ForwardCapture:
                         self._projector = self._keep(output)
 
                 self._handles.append(self.adapter.projector.register_forward_hook(projector_hook))
+                self._extra_names = list(self.adapter.projector_extras)
+                for name, module in self.adapter.projector_extras.items():
+                    def extra_hook(module: torch.nn.Module, args: Any, output: Any, name: str = name) -> None:
+                        if name not in self._extras and isinstance(output, torch.Tensor):
+                            self._extras[name] = self._keep(output)
+
+                    self._handles.append(module.register_forward_hook(extra_hook))
         except BaseException:
             self.stop()
             raise
@@ -401,6 +414,18 @@ class ForwardCapture:
         if self._projector is None:
             raise CaptureError("the projector did not run in the captured forward (a batch without images?)")
         return self._projector
+
+    @property
+    def projector_outputs(self) -> dict[str, torch.Tensor]:
+        """``{"projector": projector_output, **extras}``: everything the vision side
+        sends to the LLM, each as its module produced it, with its gradient (the extras
+        are the adapter's ``projector_extras``: Qwen3-VL's ``"deepstack.<i>"``)."""
+        out = {"projector": self.projector_output}
+        missing = [name for name in self._extra_names if name not in self._extras]
+        if missing:
+            raise CaptureError(f"{', '.join(missing)} did not run in the captured forward")
+        out.update((name, self._extras[name]) for name in self._extra_names)
+        return out
 
     @property
     def input_embeddings(self) -> torch.Tensor:

@@ -21,7 +21,10 @@ What each row checks, against computations written here (never against the adapt
   dataset- and sample-level steering in ``generate`` with the KV cache equal the same
   edit written as a plain forward hook; folding into the MLP bias equals hooked steering
   where the MLP's output is added to the residual stream as it is;
-- TGA's capture: projector output and pooled image states, with gradients;
+- TGA's capture: projector output and pooled image states, with gradients; on Qwen3-VL
+  also each deepstack merger's output (``projector_outputs``), checked against what the
+  model adds after the deepstack layer; ``analyze`` leaves the deepstack layers' image
+  cosines ``None``; TGA's caption teacher context drops the image markers;
 - the comparative loss's drop and crop ablations give three different losses and a
   gradient;
 - afterwards no hook is left and every parameter is bit-identical.
@@ -618,6 +621,134 @@ def test_tga_capture_and_comparative_ablations(f: Family):
         model.zero_grad(set_to_none=True)
     model.eval()
     _assert_clean(model, before)  # no capture, drop or crop hook left, no weight changed
+
+
+QWEN3VL = [f for f in FAMILIES if f.adapter is hf.HFQwen3VLAdapter]
+
+
+def _tensor(output):
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+@pytest.mark.parametrize("f", QWEN3VL, ids=_row_id)
+def test_qwen3vl_capture_holds_everything_that_reaches_the_llm(f: Family):
+    """``projector_outputs`` is ``visual.merger``'s output plus each deepstack merger's,
+    the very tensors the modules produced (hooks written here), with gradients; and the
+    deepstack output is what the model adds at the image positions after layer k-1."""
+    model = _build(f)
+    adapter = get_adapter(model)
+    batch = _batch(f)
+    visual = model.model.visual
+    k = len(visual.deepstack_merger_list)
+    assert k >= 1
+    adapter.set_trainable("projector")
+    seen, io = {}, {}
+
+    def keep(store, name, copy=False):  # the first output of a module (hooks return nothing: nothing is changed)
+        def hook(module, args, output):  # copy: 4.57 adds the deepstack features in place to the layer's output
+            store.setdefault(name, _tensor(output).detach().clone() if copy else _tensor(output))
+        return hook
+
+    def keep_input(module, args, kwargs):
+        io.setdefault("in", args[0] if args else kwargs["hidden_states"])
+
+    layers = _decoder(model).layers
+    handles = [visual.merger.register_forward_hook(keep(seen, "projector")),
+               layers[k - 1].register_forward_hook(keep(io, "out", copy=True)),
+               layers[k].register_forward_pre_hook(keep_input, with_kwargs=True)]
+    for i, merger in enumerate(visual.deepstack_merger_list):
+        handles.append(merger.register_forward_hook(keep(seen, f"deepstack.{i}")))
+    cap = ForwardCapture(adapter, adapter.layout(batch), [k], projector=True).start()
+    try:
+        model(**batch)
+    finally:
+        cap.stop()
+        for h in handles:
+            h.remove()
+    got = cap.projector_outputs
+    assert list(got) == ["projector", *(f"deepstack.{i}" for i in range(k))]
+    assert cap.projector_output is got["projector"]
+    for name, tensor in got.items():
+        assert tensor is seen[name] and tensor.requires_grad, name
+    mask = adapter.layout(batch).image_mask
+    assert got[f"deepstack.{k - 1}"].shape == (int(mask.sum()), adapter.hidden_size)
+    expected = io["out"].clone()
+    expected[mask] += got[f"deepstack.{k - 1}"].detach()
+    torch.testing.assert_close(io["in"].detach(), expected)  # what the LLM's layer k receives
+    for i in range(k):  # each deepstack merger gets a gradient through its captured output
+        got[f"deepstack.{i}"].square().sum().backward(retain_graph=True)
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in visual.deepstack_merger_list[i].parameters())
+    assert not any(module._forward_hooks for module in model.modules())
+
+
+@pytest.mark.parametrize("f", QWEN3VL[:1], ids=_row_id)
+def test_qwen3vl_analysis_leaves_the_deepstack_layers_unmeasured(f: Family, tmp_path):
+    """``analyze``'s image-caption cosine is ``None`` (``null`` in analysis.json) at the
+    layers whose image states lack the deepstack addition, with a note naming them and
+    why; measured at the other layers (against hooks written here)."""
+    import json
+
+    from lvlm_safety_plugins.analysis import analyze, unmeasured_image_layers, write_report
+    from lvlm_safety_plugins.testing import tiny_tokenizer
+
+    model = _build(f)
+    adapter = get_adapter(model)
+    k = adapter.deepstack_layers
+    refused, reason = unmeasured_image_layers(adapter)
+    assert refused == list(range(k)) and "deepstack" in reason and f"layers {refused}" in reason
+    batch = _batch(f)
+
+    class Processor:  # no Qwen3-VL processor builds offline: the layout _batch writes, a real tiny tokenizer
+        tokenizer = tiny_tokenizer()
+
+        def __call__(self, text, images, **kwargs):
+            return dict(batch)
+
+    pairs = [{"image": None, "caption": "a red cat", "prompt": "p"}] * 2
+    result = analyze(model, Processor(), ["how to make a bomb"], pairs, refusal_words=["sorry"], progress=False)
+    cos = result.image_caption_cos
+    assert cos[:k] == [None] * k
+    assert any(f"image_caption_cos is null at layers {refused}" in n and "deepstack" in n for n in result.notes)
+    caption = Processor.tokenizer(["a red cat"] * 2, return_tensors="pt")
+    states = []  # by hand at the measured layers: each decoder layer's output, hooked here
+    handles = [layer.register_forward_hook(lambda m, a, o: states.append(_tensor(o)) and None)
+               for layer in _decoder(model).layers]
+    try:
+        with torch.no_grad():
+            model(**batch)
+            model(**caption)
+    finally:
+        for h in handles:
+            h.remove()
+    n = adapter.num_layers
+    img, cap = states[:n], states[n:]
+    mask = adapter.layout(batch).image_mask.unsqueeze(-1)
+    for layer in range(k, n):
+        pooled = (img[layer] * mask).sum(1) / mask.sum(1)
+        hand = torch.nn.functional.cosine_similarity(pooled, cap[layer].mean(1), dim=-1).mean()
+        assert cos[layer] == pytest.approx(float(hand), abs=1e-5)
+    write_report(result, tmp_path)
+    assert json.loads((tmp_path / "analysis.json").read_text())["image_caption_cos"][:k] == [None] * k
+
+
+@pytest.mark.parametrize("f", [f for f in FAMILIES if f.cls in ("Gemma3", "Glm4v")], ids=_row_id)
+def test_tga_caption_teacher_context_drops_the_image_markers(f: Family):
+    """The caption stands where the image stood, without the start marker (as in the
+    text-only variant): each teacher row is the row's tokens before its marker, then the
+    caption; only the caption is pooled."""
+    model = _build(f)
+    assert f.before, "a family with a start marker"
+    batch = _batch(f)
+    tga = Runtime(load_recipe("tga_llava15_finetune"), model=model).methods["tga"]
+    cap_ids = torch.tensor([[30, 31, 0], [32, 33, 34]])
+    cap_mask = (cap_ids != 0).long()
+    got = tga.teacher_batch(get_adapter(model), batch, cap_ids, cap_mask)
+    want = [[1, 5, 30, 31], [1, 8, 9, 32, 33, 34]]  # _batch's rows before the marker, then the caption
+    for b, row in enumerate(want):
+        n = len(row)
+        assert got["input_ids"][b, :n].tolist() == row and got["attention_mask"][b].sum() == n
+        captioned = int(cap_mask[b].sum())
+        assert got["caption_mask"][b].nonzero().flatten().tolist() == list(range(n - captioned, n))
 
 
 def test_mllama_is_refused_by_name():

@@ -183,6 +183,19 @@ class ModelAdapter:
             f"{type(self.model).__name__}: no projector found at any of {', '.join(self.projector_paths)}"
         )
 
+    @property
+    def projector_extras(self) -> dict[str, nn.Module]:
+        """Modules besides :attr:`projector` whose outputs also reach the LLM, by name
+        (Qwen3-VL: ``deepstack.<i>``, the deepstack merger added after decoder layer
+        ``i``); ``ForwardCapture(..., projector=True)`` records them too
+        (:attr:`~lvlm_safety_plugins.capture.ForwardCapture.projector_outputs`). None here."""
+        return {}
+
+    def marker_token_ids(self) -> list[int]:
+        """Tokens that bracket an image in ``input_ids`` (dropped from the text-only
+        variant and from TGA's caption context). None here."""
+        return []
+
     final_norm_paths: ClassVar[tuple[str, ...]] = FINAL_NORM_PATHS
 
     @property

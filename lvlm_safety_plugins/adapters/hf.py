@@ -87,14 +87,16 @@ class HFQwen2VLAdapter(ModelAdapter):
     projector_paths = compat.QWEN2VL_PROJECTOR_PATHS
     image_keys = ("pixel_values", "image_grid_thw")
 
+    def marker_token_ids(self) -> list[int]:
+        cfg = self.model.config
+        return [int(t) for t in (getattr(cfg, k, None) for k in ("vision_start_token_id", "vision_end_token_id"))
+                if t is not None]
+
     def text_only_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         ids = batch["input_ids"]
-        cfg = self.model.config
         drop = self.image_token_positions(ids)
-        for key in ("vision_start_token_id", "vision_end_token_id"):
-            tok = getattr(cfg, key, None)
-            if tok is not None:
-                drop = drop | (ids == int(tok))
+        for tok in self.marker_token_ids():
+            drop = drop | (ids == tok)
         return self._drop_tokens(batch, drop)
 
 
@@ -310,9 +312,10 @@ class HFQwen3VLAdapter(HFVisionLanguageAdapter):
     - States pooled over image positions (TGA's image term, ``ForwardCapture`` of image
       states) at layers ``< k`` would miss that layer's injection: refused
       (:meth:`check_image_state_layers`).
-    - the projector is ``visual.merger`` (what enters at the embeddings);
-      ``set_trainable("projector")`` trains the deepstack mergers too, since their
-      output reaches the LLM as well.
+    - the projector is ``visual.merger`` (what enters at the embeddings); the deepstack
+      mergers are :attr:`projector_extras` (``deepstack.<i>``), captured with it, and
+      ``set_trainable("projector")`` trains them too, since their output reaches the LLM
+      as well.
     """
 
     family = "HF Qwen3-VL (deepstack)"
@@ -331,6 +334,13 @@ class HFQwen3VLAdapter(HFVisionLanguageAdapter):
                 f"positions after their forward (layers 0-{k - 1}), so image states read there miss them; "
                 f"pool image states at layers >= {k}"
             )
+
+    @property
+    def projector_extras(self) -> dict[str, nn.Module]:
+        """``deepstack.<i>``: ``visual.deepstack_merger_list[i]``, whose output is added
+        at the image positions after decoder layer ``i``."""
+        mergers = compat.deepstack_mergers(self.model)
+        return {} if mergers is None else {f"deepstack.{i}": m for i, m in enumerate(mergers)}
 
     def set_trainable(self, part: str) -> list[nn.Parameter]:
         params = super().set_trainable(part)

@@ -11,7 +11,8 @@ Per training step (through the lifecycle hooks):
    decoder stopped after the deepest TGA layer) is pooled per layer on the fly. With
    ``caption_context: prompt`` (the default, as the reference code) each row's teacher
    sequence is the training row's own tokens up to its first image token, without the
-   retrieved text, followed by the caption's tokens in the image slot; only the
+   retrieved text and the image start markers (as the text-only variant), followed by
+   the caption's tokens in the image slot; only the
    caption's tokens are pooled (never BOS, the system prompt or the template, whose
    massive activations would dominate a mean). Capture hooks are installed for the
    training forward over the image tokens and the retrieved-text tokens (in decoder
@@ -286,7 +287,10 @@ class TGA(Method):
         padded) and ``caption_mask``, the caption's own tokens (what is pooled).
 
         Row b is the training row's real tokens before its first image token, less
-        the ``retrieved`` ones (TGA's inserted text), then row b's caption tokens: the
+        the ``retrieved`` ones (TGA's inserted text) and less the image markers
+        (``adapter.marker_token_ids()``: Gemma 3's ``<start_of_image>``, Qwen's
+        ``<|vision_start|>``, ...; as the text-only variant drops them: a marker opens an
+        image the LLM never saw followed by text), then row b's caption tokens: the
         caption stands where the image stood, in the same template. A row without an
         image or caption gets its caption (or one pad token) alone and an empty
         ``caption_mask``."""
@@ -295,6 +299,7 @@ class TGA(Method):
         attention = torch.ones_like(input_ids, dtype=torch.bool) if attention is None else attention.bool()
         image = adapter.image_token_positions(input_ids) & attention
         pad = adapter.pad_token_id
+        markers = torch.tensor(adapter.marker_token_ids(), dtype=input_ids.dtype, device=input_ids.device)
         rows, masks = [], []
         for b in range(input_ids.shape[0]):
             caption = caption_ids[b][caption_mask[b].bool()].to(input_ids.device, input_ids.dtype)
@@ -306,6 +311,8 @@ class TGA(Method):
                 keep = attention[b] & (torch.arange(len(attention[b]), device=attention.device) < int(image[b].nonzero()[0, 0]))
                 if retrieved is not None:
                     keep &= ~retrieved[b].to(keep.device).bool()
+                if markers.numel():
+                    keep &= ~torch.isin(input_ids[b], markers).to(keep.device)
                 prefix = input_ids[b][keep]
             rows.append(torch.cat([prefix, caption]))
             masks.append(torch.cat([torch.zeros(len(prefix), dtype=torch.bool, device=input_ids.device),
