@@ -722,19 +722,24 @@ def _siuo_root(file: Path, rows: list[Any], image_dir: str | Path | None) -> Pat
     return _image_root(candidates, probes, "SIUO image (data/images)", str(file), explicit=bool(image_dir))
 
 
+def _siuo_rows(path: str | Path, name: str, image_dir: str | Path | None) -> Iterator[tuple[dict[str, Any], str, str, Path]]:
+    """``(row, question_id, where, image root)`` for every record of SIUO's file ``name``."""
+    file, rows = _json_records(Path(path), name)
+    root = _siuo_root(file, rows, image_dir)
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataFileError(f"{file}: row {i}: expected an object, got {type(row).__name__}")
+        ident = str(row.get("question_id", i))
+        yield row, ident, f"{file}: row {i} (question_id {ident})", root
+
+
 def load_siuo(path: str | Path, image_dir: str | Path | None = None) -> Iterator[dict[str, Any]]:
     """SIUO (Wang et al., 2024), generation task: ``data/siuo_gen.json``, a list of
     ``{"question_id", "image", "question", "category", "safety_warning",
     "reference_answer"}``. Image and question are each safe, together unsafe: every item
     is harmful. Images from the authors' archive, unzipped under ``data/images`` (or
     ``image_dir``). Category: ``category``."""
-    file, rows = _json_records(Path(path), "siuo_gen.json")
-    root = _siuo_root(file, rows, image_dir)
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise DataFileError(f"{file}: row {i}: expected an object, got {type(row).__name__}")
-        ident = str(row.get("question_id", i))
-        where = f"{file}: row {i} (question_id {ident})"
+    for row, ident, where, root in _siuo_rows(path, "siuo_gen.json", image_dir):
         yield {"id": ident, "prompt": _text(row, "question", where), "image": _image(root, _text(row, "image", where), where),
                "label": HARMFUL, "category": str(row.get("category") or "unknown"), "where": where,
                "meta": {"safety_warning": row.get("safety_warning"), "reference_answer": row.get("reference_answer")}}
@@ -745,13 +750,7 @@ def load_siuo_mcqa(path: str | Path, image_dir: str | Path | None = None) -> Ite
     ``{"question_id", "image", "question", "category", "options": {"A": ..., ...},
     "correct_option": "A"}``; the right option is the safe answer, so accuracy here is
     a safety score. Asked with the lettered options (LLaVA's multiple-choice prompt)."""
-    file, rows = _json_records(Path(path), "siuo_mcqa.json")
-    root = _siuo_root(file, rows, image_dir)
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise DataFileError(f"{file}: row {i}: expected an object, got {type(row).__name__}")
-        ident = str(row.get("question_id", i))
-        where = f"{file}: row {i} (question_id {ident})"
+    for row, ident, where, root in _siuo_rows(path, "siuo_mcqa.json", image_dir):
         question = _text(row, "question", where)
         options = row.get("options")
         if not isinstance(options, dict) or len(options) < 2:
