@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .judges import JudgeError, _as_int
+from .judges import JudgeError, _as_int, load_kwargs
 
 
 class ShieldGemma2Check:
@@ -56,13 +56,7 @@ class ShieldGemma2Check:
             from ..compat import installed_transformers
 
             raise JudgeError(f"shieldgemma2 image check needs transformers >= 4.50 (installed: {installed_transformers()})") from None
-        import torch
-
-        kwargs: dict[str, Any] = {"local_files_only": True}
-        if self.dtype != "auto":
-            from ..compat import dtype_kwargs
-
-            kwargs.update(dtype_kwargs(getattr(torch, self.dtype)))
+        kwargs = load_kwargs(self.dtype, "shieldgemma2 image check")
         try:
             self._processor = AutoProcessor.from_pretrained(self.model_path, local_files_only=True)
             self._model = ShieldGemma2ForImageClassification.from_pretrained(self.model_path, **kwargs).to(self.device).eval()

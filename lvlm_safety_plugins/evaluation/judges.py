@@ -45,6 +45,23 @@ class JudgeError(LVLMSafetyError):
     """A judge is misconfigured (bad option, missing model folder, ...)."""
 
 
+def load_kwargs(dtype: str, who: str) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments of a judge or check that loads a local
+    folder: local files only, and ``dtype`` (``auto`` or a torch dtype's name, e.g.
+    ``bfloat16``); an unknown name is an error naming ``who``."""
+    import torch
+
+    from ..compat import dtype_kwargs
+
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if dtype != "auto":
+        value = getattr(torch, dtype, None)
+        if not isinstance(value, torch.dtype):
+            raise JudgeError(f"{who}: unknown dtype {dtype!r}")
+        kwargs.update(dtype_kwargs(value))
+    return kwargs
+
+
 def _as_bool(value: Any, name: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -232,17 +249,9 @@ class LLMJudge:
     def _load(self) -> None:
         if self._model is not None:
             return
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        kwargs: dict[str, Any] = {"local_files_only": True}
-        if self.dtype != "auto":
-            dtype = getattr(torch, self.dtype, None)
-            if not isinstance(dtype, torch.dtype):
-                raise JudgeError(f"llm judge: unknown dtype {self.dtype!r}")
-            from ..compat import dtype_kwargs
-
-            kwargs.update(dtype_kwargs(dtype))
+        kwargs = load_kwargs(self.dtype, "llm judge")
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(self.model_path, **kwargs)
@@ -468,22 +477,13 @@ class LlamaGuard4Judge(_GuardVerdicts, LLMJudge):
     def _load(self) -> None:
         if self._model is not None:
             return
-        import torch
-
         try:
             from transformers import AutoProcessor, AutoTokenizer, Llama4ForConditionalGeneration
         except ImportError:
             from ..compat import installed_transformers
 
             raise JudgeError(f"llama_guard4 judge needs transformers >= 4.51 (installed: {installed_transformers()})") from None
-        kwargs: dict[str, Any] = {"local_files_only": True}
-        if self.dtype != "auto":
-            dtype = getattr(torch, self.dtype, None)
-            if not isinstance(dtype, torch.dtype):
-                raise JudgeError(f"llama_guard4 judge: unknown dtype {self.dtype!r}")
-            from ..compat import dtype_kwargs
-
-            kwargs.update(dtype_kwargs(dtype))
+        kwargs = load_kwargs(self.dtype, "llama_guard4 judge")
         try:
             self._processor = AutoProcessor.from_pretrained(self.model_path, local_files_only=True)
         except (ImportError, OSError, ValueError) as exc:  # no image processor, or its dependency is missing
