@@ -3,6 +3,7 @@ into weights, vector files, the recipe/runtime path and the CLI, on a real tiny 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import subprocess
@@ -606,8 +607,45 @@ def test_one_pass_calibration_of_a_llava_package_model_equals_a_pass_per_layer()
 # -- sample level, reference none: two forwards per prefill -----------------------------------
 
 
-def test_sample_level_reference_none_reads_its_shift_from_the_prefill(tiny_llava, tiny_llava_processor):
+@contextlib.contextmanager
+def _edited_layers(adapter, layers, edit):
+    """Forward hooks (prepended, so hidden_states shows them) that replace each of
+    ``layers``' output hidden states ``h`` by ``edit(h, layer)``; removed on exit."""
+    def hook(module, args, output, layer):
+        h = edit(output if isinstance(output, torch.Tensor) else output[0], layer)
+        return h if isinstance(output, torch.Tensor) else (h, *output[1:])
+
+    handles = [adapter.decoder_layers[l].register_forward_hook(lambda m, a, o, l=l: hook(m, a, o, l), prepend=True)
+               for l in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _counted_forwards(adapter):
+    """A list that gets one entry per forward through the decoder while the block runs."""
+    calls = []
+    counter = adapter.decoder_layers[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        yield calls
+    finally:
+        counter.remove()
+
+
+def _text_only_last_states(model, adapter, batch, layers):
+    """The text-only prompt's last-token states at ``layers`` (what sample-level CMRM measures against)."""
     from lvlm_safety_plugins.capture import HiddenCapture
+
+    text_only = adapter.text_only_batch(batch)
+    with torch.no_grad(), HiddenCapture(adapter, layers, {"m": adapter.layout(text_only).attention_mask}, "last") as cap:
+        model(**text_only)
+    return {l: cap.pooled["m"][l] for l in layers}
+
+
+def test_sample_level_reference_none_reads_its_shift_from_the_prefill(tiny_llava, tiny_llava_processor):
     from lvlm_safety_plugins.steering import after_image_mask
 
     batch = tiny_llava_batch(tiny_llava_processor)  # two prompts, left padded
@@ -618,54 +656,30 @@ def test_sample_level_reference_none_reads_its_shift_from_the_prefill(tiny_llava
     # by hand: the text-only prompt's last-token states, then a forward of the input that
     # at each steered layer measures its own (already steered) last-token state against
     # them and subtracts alpha times that shift at the steered positions
-    text_only = adapter.text_only_batch(batch)
-    with torch.no_grad(), HiddenCapture(adapter, layers, {"m": adapter.layout(text_only).attention_mask}, "last") as cap:
-        tiny_llava(**text_only)
-    text = {l: cap.pooled["m"][l] for l in layers}
-    shifts, handles = {}, []
+    text = _text_only_last_states(tiny_llava, adapter, batch, layers)
+    shifts = {}
     last = layout.last_index()
 
-    def hook(module, args, output, layer):
-        h = output if isinstance(output, torch.Tensor) else output[0]
-        shift = h[torch.arange(h.shape[0]), last] - text[layer]
-        shifts[layer] = shift
-        h = h - alpha * shift.unsqueeze(1) * steered.unsqueeze(-1).to(h.dtype)
-        return h if isinstance(output, torch.Tensor) else (h, *output[1:])
+    def measure(h, layer):
+        shifts[layer] = h[torch.arange(h.shape[0]), last] - text[layer]
+        return h - alpha * shifts[layer].unsqueeze(1) * steered.unsqueeze(-1).to(h.dtype)
 
-    for layer in layers:
-        handles.append(adapter.decoder_layers[layer].register_forward_hook(lambda m, a, o, layer=layer: hook(m, a, o, layer),
-                                                                           prepend=True))
-    try:
-        with torch.no_grad():
-            want = tiny_llava(**batch).logits
-    finally:
-        for h in handles:
-            h.remove()
-    calls = []
-    counter = adapter.decoder_layers[0].register_forward_pre_hook(lambda m, a: calls.append(1))
-    try:
-        with torch.no_grad(), steer(tiny_llava, None, variant="sample", reference="none", layers=layers, alpha=alpha):
-            got = tiny_llava(**batch).logits
-    finally:
-        counter.remove()
+    with torch.no_grad(), _edited_layers(adapter, layers, measure):
+        want = tiny_llava(**batch).logits
+    with _counted_forwards(adapter) as calls, torch.no_grad(), steer(tiny_llava, None, variant="sample", reference="none",
+                                                                     layers=layers, alpha=alpha):
+        got = tiny_llava(**batch).logits
     assert len(calls) == 2  # the text-only prompt and the prefill itself: no separate reference forward
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # generate: the prefill's shifts are subtracted at every decode step of the call
     gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
 
-    def fixed(module, args, output, layer):
-        h = output if isinstance(output, torch.Tensor) else output[0]
+    def fixed(h, layer):
         where = steered if h.shape[1] > 1 else torch.ones(h.shape[:2], dtype=torch.bool)
-        h = h - alpha * shifts[layer].unsqueeze(1) * where.unsqueeze(-1).to(h.dtype)
-        return h if isinstance(output, torch.Tensor) else (h, *output[1:])
+        return h - alpha * shifts[layer].unsqueeze(1) * where.unsqueeze(-1).to(h.dtype)
 
-    handles = [adapter.decoder_layers[l].register_forward_hook(lambda m, a, o, l=l: fixed(m, a, o, l), prepend=True) for l in layers]
-    try:
-        with torch.no_grad():
-            by_hand = tiny_llava.generate(**batch, **gen)
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad(), _edited_layers(adapter, layers, fixed):
+        by_hand = tiny_llava.generate(**batch, **gen)
     with torch.no_grad(), steer(tiny_llava, None, variant="sample", reference="none", layers=layers, alpha=alpha):
         sample = tiny_llava.generate(**batch, **gen)
     assert torch.equal(sample.sequences, by_hand.sequences)
@@ -704,7 +718,6 @@ def test_truncated_passes_skip_the_lm_head_and_put_it_back(tiny_llava, tiny_llav
 
 @pytest.mark.parametrize("reference", ["blank", "noise"])
 def test_sample_level_blank_and_noise_batch_the_reference_with_the_text_only_rows(tiny_llava, tiny_llava_processor, reference):
-    from lvlm_safety_plugins.capture import HiddenCapture
     from lvlm_safety_plugins.compat import llava_splices_image_features
     from lvlm_safety_plugins.steering import after_image_mask
 
@@ -715,53 +728,27 @@ def test_sample_level_blank_and_noise_batch_the_reference_with_the_text_only_row
     # by hand, as separate forwards: the text-only prompt's last-token states; the
     # reference input, measuring its own (already steered) last-token state at each
     # steered layer against them and subtracting alpha times it from its image positions on
-    text_only = adapter.text_only_batch(batch)
-    with torch.no_grad(), HiddenCapture(adapter, layers, {"m": adapter.layout(text_only).attention_mask}, "last") as cap:
-        tiny_llava(**text_only)
-    text = {l: cap.pooled["m"][l] for l in layers}
+    text = _text_only_last_states(tiny_llava, adapter, batch, layers)
     ref_layout = adapter.layout(ref)
     ref_steered = ref_layout.attention_mask & after_image_mask(ref_layout.image_mask)
     last = ref_layout.last_index()
     shifts = {}
 
-    def measure(module, args, output, layer):
-        h = output if isinstance(output, torch.Tensor) else output[0]
+    def measure(h, layer):
         shifts[layer] = h[torch.arange(h.shape[0]), last] - text[layer]
-        h = h - alpha * shifts[layer].unsqueeze(1) * ref_steered.unsqueeze(-1).to(h.dtype)
-        return h if isinstance(output, torch.Tensor) else (h, *output[1:])
+        return h - alpha * shifts[layer].unsqueeze(1) * ref_steered.unsqueeze(-1).to(h.dtype)
 
-    handles = [adapter.decoder_layers[l].register_forward_hook(lambda m, a, o, l=l: measure(m, a, o, l), prepend=True)
-               for l in layers]
-    try:
-        with torch.no_grad():
-            tiny_llava(**ref)
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad(), _edited_layers(adapter, layers, measure):
+        tiny_llava(**ref)
     # the prefill subtracts those shifts at its own from_image positions
     layout = adapter.layout(batch)
     steered = layout.attention_mask & after_image_mask(layout.image_mask)
-
-    def fixed(module, args, output, layer):
-        h = output if isinstance(output, torch.Tensor) else output[0]
-        h = h - alpha * shifts[layer].unsqueeze(1) * steered.unsqueeze(-1).to(h.dtype)
-        return h if isinstance(output, torch.Tensor) else (h, *output[1:])
-
-    handles = [adapter.decoder_layers[l].register_forward_hook(lambda m, a, o, l=l: fixed(m, a, o, l), prepend=True) for l in layers]
-    try:
-        with torch.no_grad():
-            want = tiny_llava(**batch).logits
-    finally:
-        for h in handles:
-            h.remove()
-    calls = []
-    counter = adapter.decoder_layers[0].register_forward_pre_hook(lambda m, a: calls.append(1))
-    try:
-        with torch.no_grad(), steer(tiny_llava, None, variant="sample", reference=reference, layers=layers, alpha=alpha,
-                                    processor=tiny_llava_processor):
-            got = tiny_llava(**batch).logits
-    finally:
-        counter.remove()
+    with torch.no_grad(), _edited_layers(adapter, layers,
+                                         lambda h, l: h - alpha * shifts[l].unsqueeze(1) * steered.unsqueeze(-1).to(h.dtype)):
+        want = tiny_llava(**batch).logits
+    with _counted_forwards(adapter) as calls, torch.no_grad(), steer(tiny_llava, None, variant="sample", reference=reference,
+                                                                     layers=layers, alpha=alpha, processor=tiny_llava_processor):
+        got = tiny_llava(**batch).logits
     # one forward of the text-only and reference rows together, then the prefill (4.37's
     # Llava splices image features itself and cannot mix rows with and without an image)
     assert len(calls) == (3 if llava_splices_image_features(tiny_llava) else 2)
