@@ -158,9 +158,7 @@ def unmeasured_image_layers(adapter: Any) -> tuple[list[int], str | None]:
     """The layers whose image states ``adapter`` refuses (its ``check_image_state_layers``,
     as :class:`~lvlm_safety_plugins.capture.ForwardCapture` does; Qwen3-VL's deepstack
     layers) and the adapter's reason, or ``([], None)``."""
-    check = getattr(adapter, "check_image_state_layers", None)
-    if check is None:
-        return [], None
+    check = adapter.check_image_state_layers
     refused = []
     for layer in range(adapter.num_layers):
         try:

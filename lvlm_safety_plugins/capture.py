@@ -329,9 +329,7 @@ class ForwardCapture:
         detach: bool = False,
     ) -> None:
         self.layers = _capture_layers(adapter, list(layers), pooling)  # () captures no states
-        check = getattr(adapter, "check_image_state_layers", None)  # Qwen3-VL deepstack (docs/adapters.md)
-        if check is not None:
-            check(self.layers)
+        adapter.check_image_state_layers(self.layers)  # Qwen3-VL's deepstack layers (docs/adapters.md)
         self.adapter = adapter
         self.layout = layout
         self.pooling = pooling

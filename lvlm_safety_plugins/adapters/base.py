@@ -196,6 +196,12 @@ class ModelAdapter:
         variant and from TGA's caption context). None here."""
         return []
 
+    def check_image_state_layers(self, layers: Sequence[int]) -> None:
+        """Raise a :class:`~lvlm_safety_plugins.errors.LayerError` naming the layers of
+        ``layers`` whose image states do not hold what reaches the LLM at the image
+        positions (Qwen3-VL: the deepstack layers); every layer is fine here. Called by
+        ``ForwardCapture`` and ``lvlm-safety analyze`` before image states are read."""
+
     final_norm_paths: ClassVar[tuple[str, ...]] = FINAL_NORM_PATHS
 
     @property
