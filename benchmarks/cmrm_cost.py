@@ -10,9 +10,12 @@ Three measurements in one run, each a ratio against a baseline measured beside i
   plain at every layer count.
 - ``time`` (s) of a sweep of N settings (alpha x layer choice, a measure that costs
   nothing, so only the calibrations count) against one ``calibration`` of the same
-  rows; the row ``sweep/(N/4+1)`` gives the sweep's time over N/4 + 1 calibrations.
-  Goal: <= 1.
-- ``prefill`` (ms of one forward of a batch of prompts with images) ``plain`` (the
+  rows as the library runs it, the same work the sweep does per setting (the recipe
+  loaded, the vectors calibrated and written to a vector file: ``Runtime.calibrate``);
+  ``calibrate() alone`` (the function, no recipe and no file) is shown beside it. The
+  row ``sweep/(N/4+1)`` gives the sweep's time over N/4 + 1 calibrations. Goal: <= 1.
+- ``prefill`` (ms of one forward of a batch of prompts with images, the steering
+  installed before the clock starts and removed after it stops) ``plain`` (the
   baseline) against ``dataset`` vectors and the ``sample`` level with ``reference:
   none`` and ``blank`` (every layer steered, alpha 0.3). Goal: sample/none <= 2.1x.
 
@@ -139,6 +142,7 @@ def calibration_throughput(shape: str, layers: int, rows: list[dict[str, Any]], 
 
 def sweep_rows(shape: str, layers: int, rows: list[dict[str, Any]], device: str, alphas: list[float],
                layer_choices: list[str], repeats: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from lvlm_safety_plugins import Runtime, load_recipe
     from lvlm_safety_plugins.methods.cmrm import calibrate
     from lvlm_safety_plugins.methods.cmrm.sweep import run_sweep
 
@@ -155,11 +159,19 @@ def sweep_rows(shape: str, layers: int, rows: list[dict[str, Any]], device: str,
                                overrides=["cmrm.alpha=0.5", "cmrm.batch_size=8"], progress=False)
             report.update(result.meta.get("cost", {}))
 
-    cases = {
-        "calibration": timed(lambda: calibrate(model, processor, rows, config(alpha=alphas[-1]), progress=False), device),
-        f"sweep-{settings}": timed(sweep, device),
-    }
-    times = interleaved_median(cases, repeats)
+    def calibration(work: str) -> None:  # one calibration as the library runs it: recipe, calibrate, vector file
+        recipe = load_recipe("cmrm_llava15_dataset", [f"cmrm.alpha={alphas[-1]}", "cmrm.batch_size=8", "cmrm.layers=all",
+                                                      f"cmrm.vectors={work}/vectors.safetensors"])
+        Runtime(recipe, model=model, processor=processor).calibrate(processor, rows)
+
+    with tempfile.TemporaryDirectory() as work:
+        cases = {
+            "calibration": timed(lambda: calibration(work), device),
+            "calibrate() alone": timed(lambda: calibrate(model, processor, rows, config(alpha=alphas[-1]), progress=False),
+                                       device),
+            f"sweep-{settings}": timed(sweep, device),
+        }
+        times = interleaved_median(cases, repeats)
     results = {case: {"time": t} for case, t in times.items()}
     out = make_rows(results, {"time": "s"}, baseline="calibration")
     budget = (settings / 4 + 1) * times["calibration"]
@@ -189,11 +201,11 @@ def prefill_rows(shape: str, layers: int, device: str, repeats: int) -> list[dic
     }
 
     def forward(ctx: Callable[[], Any]) -> Callable[[], float]:
-        def run() -> None:
+        def run() -> float:  # the prefill alone: installing and removing the steering is not timed
             with torch.no_grad(), ctx():
-                model(**enc)
+                return timed(lambda: model(**enc), device)()
 
-        return timed(run, device)
+        return run
 
     cases = {name: forward(ctx) for name, ctx in contexts.items()}
     for fn in cases.values():
@@ -219,8 +231,8 @@ def main() -> None:
     silence()
     shape = args.shape
     quick = args.quick or shape == "quick"
-    repeats = args.repeats or (3 if args.quick else 5)
-    n = 24 if args.quick else (64 if shape == "quick" else 32)
+    repeats = args.repeats or (9 if args.quick else 5)
+    n = 48 if args.quick else (64 if shape == "quick" else 32)
     rows_in = calibration_rows(n)
     started = time.perf_counter()
     out: list[dict[str, Any]] = []
@@ -230,7 +242,7 @@ def main() -> None:
     choices = ["all"] if args.quick else ["all", "4-7"]
     sweep, cost = sweep_rows(shape, 16 if quick else 32, rows_in, args.device, alphas, choices, repeats)
     out += sweep
-    out += prefill_rows(shape, 16 if quick else 32, args.device, repeats * 3)
+    out += prefill_rows(shape, 16 if quick else 32, args.device, repeats * 5)
     import torch
 
     print_table(out, f"CMRM cost, {shape} shapes on {args.device} ({torch.get_num_threads()} threads), {n} calibration rows "

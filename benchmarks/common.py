@@ -70,10 +70,13 @@ def write_json(rows: list[dict[str, Any]], path: str | None) -> None:
 
 
 def interleaved_median(cases: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
-    """Run each case's timing function ``repeats`` times, interleaved (a, b, c, a, b, c,
-    ...) so drift on the machine hits every case alike; return the median per case."""
+    """Run each case's timing function ``repeats`` times, interleaved and in alternating
+    order (a, b, c, c, b, a, a, b, c, ...) so drift on the machine, and whatever one case
+    leaves behind for the next (caches, the allocator), hits every case alike; return
+    the median per case."""
     samples: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
+    order = list(cases.items())
+    for i in range(repeats):
+        for name, fn in order if i % 2 == 0 else reversed(order):
             samples[name].append(fn())
     return {name: statistics.median(vals) for name, vals in samples.items()}

@@ -1,7 +1,9 @@
 """Training-step time and peak memory with the TGA loss vs the plain LM loss.
 
 Same model, same batch, same run. Cases: ``plain`` (the baseline: host LM loss only)
-and ``tga`` (host loss + TGA's caption teacher pass, capture and both terms). Metrics:
+and ``tga`` (host loss + TGA's caption teacher pass, capture and both terms), and, to
+show where TGA's extra time goes, ``tga teacher pass alone`` (the caption pass as the
+plugin runs it, timed in the same interleaving). Metrics:
 ``time`` (seconds per optimizer step, median of interleaved steps) and ``peak_memory``
 (MiB above the set-up footprint: the peak RSS of a fresh process during two steps,
 after the kernel's peak mark is reset, on the CPU; or
@@ -102,6 +104,33 @@ def make_step(model: Any, batch: dict[str, Any], extras: dict[str, Any], use_tga
     return step
 
 
+def make_teacher_pass(model: Any, batch: dict[str, Any], extras: dict[str, Any], layers: str) -> Any:
+    """TGA's caption teacher pass alone, as the plugin runs it in ``before_forward``
+    (the teacher rows in the training rows' template, no gradient, the forward stopped
+    after the deepest TGA layer, pooled on the fly): where the step's extra time goes."""
+    import torch
+
+    from lvlm_safety_plugins import Runtime
+    from lvlm_safety_plugins.capture import HiddenCapture
+    from lvlm_safety_plugins.methods.tga.method import CAPTION_IDS, CAPTION_MASK, RETRIEVED_MASK
+
+    runtime = Runtime({"plugins": ["tga"], "tga": {"layers": layers, "schedule": "constant"}}, model=model)
+    plugin = runtime.methods["tga"]
+    adapter = get_adapter(model)
+
+    def teacher() -> None:
+        rows = plugin.teacher_batch(adapter, batch, extras[CAPTION_IDS], extras[CAPTION_MASK], extras[RETRIEVED_MASK])
+        model.eval()
+        try:
+            with torch.no_grad(), HiddenCapture(adapter, plugin.layers(adapter), {"cap": rows["caption_mask"]},
+                                                plugin.config.pooling.name, detach=True) as cap:
+                cap.run(model, input_ids=rows["input_ids"], attention_mask=rows["attention_mask"])
+        finally:
+            model.train()
+
+    return teacher
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch
@@ -183,11 +212,12 @@ def main() -> None:
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     dtype = getattr(torch, args.dtype)
     shape = SHAPES[args.shape]
-    steps = args.steps or (5 if args.quick else 10)
+    steps = args.steps or (20 if args.quick else 10)
     model, batch, extras = build(shape, args.device, dtype)
     get_adapter(model).set_trainable("projector")
     layers = layers_for(shape["layers"])
-    steps_fn = {"plain": make_step(model, batch, extras, False, layers), "tga": make_step(model, batch, extras, True, layers)}
+    steps_fn = {"plain": make_step(model, batch, extras, False, layers), "tga": make_step(model, batch, extras, True, layers),
+                "tga teacher pass alone": make_teacher_pass(model, batch, extras, layers)}
     for fn in steps_fn.values():
         fn()  # warm up
 
@@ -203,11 +233,13 @@ def main() -> None:
 
     times = interleaved_median({k: timed(v) for k, v in steps_fn.items()}, steps)
     results: dict[str, dict[str, float]] = {k: {"time": v} for k, v in times.items()}
+    teacher = results.pop("tga teacher pass alone")
     for case in ("plain", "tga"):
         cmd = [sys.executable, __file__, "--memory-case", case, "--shape", args.shape, "--device", args.device, "--dtype", args.dtype]
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # the resident set follows the live tensors (see above)
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         results[case]["peak_memory"] = json.loads(out.stdout.strip().splitlines()[-1])["peak_memory"]
+    results["tga teacher pass alone"] = teacher  # a row after the two cases, time only
     rows = make_rows(results, {"time": "s/step", "peak_memory": "MiB"}, baseline="plain")
     print_table(rows, f"TGA training step, shape {args.shape} ({shape['hidden']}d x {shape['layers']} layers, batch {shape['batch']}), "
                       f"TGA layers {layers}, device {args.device}, {args.dtype}, projector trained")

@@ -32,8 +32,10 @@ POOLINGS = ("mean", "last")
 
 
 @contextlib.contextmanager
-def truncated_decoder(adapter: "ModelAdapter", last: int) -> Iterator[None]:
-    """Inside the block the model's decoder runs only its layers ``0..last``.
+def truncated_decoder(adapter: "ModelAdapter", last: int, then: torch.nn.Module | None = None) -> Iterator[None]:
+    """Inside the block the model's decoder runs only its layers ``0..last`` (and then
+    ``then``, given: a module in layer ``last + 1``'s place, such as
+    :class:`~lvlm_safety_plugins.compat.LayerProbe`).
 
     The module that holds the decoder layers gets a shorter ``ModuleList`` of the same
     layer modules for the length of the block and its own list back afterwards (also
@@ -50,10 +52,10 @@ def truncated_decoder(adapter: "ModelAdapter", last: int) -> Iterator[None]:
     n = len(layers)
     if not 0 <= last < n:
         raise CaptureError(f"cannot stop after layer {last}: {type(adapter.model).__name__} has {n} decoder layers (0-{n - 1})")
-    if last == n - 1:
+    if last == n - 1 and then is None:
         yield
         return
-    owner._modules[attr] = torch.nn.ModuleList(list(layers)[: last + 1])
+    owner._modules[attr] = torch.nn.ModuleList(list(layers)[: last + 1] + ([then] if then is not None else []))
     try:
         yield
     finally:
@@ -123,7 +125,9 @@ class LastPositions:
     def pick(self, hidden: torch.Tensor) -> torch.Tensor:
         rows, index = self.rows, self.index
         if rows.device != hidden.device:
-            rows, index = rows.to(hidden.device), index.to(hidden.device)
+            rows, index = self.rows, self.index = rows.to(hidden.device), index.to(hidden.device)
+            if self.empty is not None:
+                self.empty = self.empty.to(hidden.device)
         picked = hidden[rows, index]
         return picked if self.empty is None else picked * self.empty.to(hidden.device, hidden.dtype)
 
@@ -199,6 +203,8 @@ class HiddenCapture:
         self._pooled: dict[str, dict[int, torch.Tensor]] = {}
         self._raw: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
+        self._shape: tuple[int, ...] | None = None
+        self._pooling_args: list[tuple[str, torch.Tensor, LastPositions | None]] = []
         if masks:
             self.set_masks(masks)
 
@@ -214,6 +220,10 @@ class HiddenCapture:
         self._last = {k: last_masked(v) for k, v in self.masks.items()} if self.pooling == "last" else {}
         self._pooled = {k: {} for k in self.masks}
         self._raw = {}
+        #: ``(batch, length)`` of every mask (checked equal above), and per mask what
+        #: the hooks pool with: ``(name, mask, last positions or None)``
+        self._shape = next(iter(shapes)) if shapes else None
+        self._pooling_args = [(name, mask, self._last.get(name)) for name, mask in self.masks.items()]
 
     @property
     def pooled(self) -> dict[str, dict[int, torch.Tensor]]:
@@ -230,23 +240,25 @@ class HiddenCapture:
             if not self.masks:
                 return
             hidden = layer_hidden(output)
-            for name, mask in self.masks.items():
-                if tuple(mask.shape) != tuple(hidden.shape[:2]):
-                    if self.on_mismatch == "skip":
-                        return
-                    raise CaptureError(
-                        f"layer {layer}: hidden states have shape {tuple(hidden.shape[:2])} "
-                        f"(batch, length) but mask {name!r} has shape {tuple(mask.shape)}"
-                    )
+            if hidden.shape[:2] != self._shape:
+                if self.on_mismatch == "skip":
+                    return
+                name, mask, _ = self._pooling_args[0]
+                raise CaptureError(
+                    f"layer {layer}: hidden states have shape {tuple(hidden.shape[:2])} "
+                    f"(batch, length) but mask {name!r} has shape {tuple(mask.shape)}"
+                )
             if not self.detach and torch.is_grad_enabled():
                 self._raw[layer] = hidden  # pooled when read (see the module documentation)
                 for name in self.masks:
                     self._pooled[name].pop(layer, None)
                 return
-            self._raw.pop(layer, None)
-            for name, mask in self.masks.items():
-                self._pooled[name][layer] = pool(hidden.detach() if self.detach else hidden, mask, self.pooling,
-                                                 last=self._last.get(name))
+            if self._raw:
+                self._raw.pop(layer, None)
+            if self.detach:
+                hidden = hidden.detach()
+            for name, mask, last in self._pooling_args:
+                self._pooled[name][layer] = pool(hidden, mask, self.pooling, last=last)
 
         return hook
 

@@ -75,6 +75,15 @@ per-layer attention types               5.x models with ``config.layer_types`` t
                                         kinds (sliding and full attention) give each layer
                                         its own mask: not callable from one recording
                                         (:func:`layer_call_obstacle` says so)
+between two layers                      Qwen3-VL (4.57, 5.x) and its MoE class: the text
+                                        model adds its ``deepstack_visual_embeds[k]`` at
+                                        ``visual_pos_masks`` after layer ``k`` (the first
+                                        few layers), replayed by :func:`after_layer`; any
+                                        other change between layers 0 and 1 (or other
+                                        arguments for layer 1) is found by a probe in
+                                        place of layer 1 (:class:`LayerProbe`; it answers
+                                        the decoder's reads of the layer's attributes, as
+                                        4.57's ``attention_type``, from layer 1) and refused
 KV cache while calibrating              ``use_cache=False``: ``past_key_value(s)=None``
                                         (4.x ``past_key_value``, 5.x ``past_key_values``)
 output                                  a tuple up to 4.53, a tensor from 4.54
@@ -508,17 +517,22 @@ def processor_has_chat_template_api(processor: Any) -> bool:
 
 class LayerCall:
     """The arguments a model's ``forward`` called one decoder layer with, less the
-    hidden states: ``args`` (positional, after the hidden states) and ``kwargs``."""
+    hidden states: ``args`` (positional, after the hidden states) and ``kwargs``; and
+    ``after``: what the decoder adds to the states between its layers (``None``, or
+    Qwen3-VL's deepstack ``{"mask": [B, L] bool, "embeds": [tensor [N, H] per layer]}``,
+    :func:`after_layer`)."""
 
-    __slots__ = ("args", "kwargs", "hidden_keyword")
+    __slots__ = ("args", "kwargs", "hidden_keyword", "after")
 
-    def __init__(self, args: tuple, kwargs: dict[str, Any], hidden_keyword: bool) -> None:
-        self.args, self.kwargs, self.hidden_keyword = args, kwargs, hidden_keyword
+    def __init__(self, args: tuple, kwargs: dict[str, Any], hidden_keyword: bool,
+                 after: dict[str, Any] | None = None) -> None:
+        self.args, self.kwargs, self.hidden_keyword, self.after = args, kwargs, hidden_keyword, after
 
     def map_tensors(self, fn: Any) -> "LayerCall":
         """A copy with ``fn`` applied to every tensor inside (tuples, lists and dicts
         followed; other objects kept as they are)."""
-        return LayerCall(_map_tensors(self.args, fn), _map_tensors(self.kwargs, fn), self.hidden_keyword)
+        return LayerCall(_map_tensors(self.args, fn), _map_tensors(self.kwargs, fn), self.hidden_keyword,
+                         _map_tensors(self.after, fn))
 
     def nbytes(self) -> int:
         """Bytes of the tensors inside (what storing the call costs)."""
@@ -566,6 +580,107 @@ def record_layer_call(layer: torch.nn.Module) -> Iterator[list[LayerCall]]:
         handle.remove()
 
 
+#: the decoder ``forward`` keywords that carry what Qwen3-VL's text model adds after its
+#: first layers (4.57 and 5.x name them so)
+DEEPSTACK_KEYS = ("visual_pos_masks", "deepstack_visual_embeds")
+
+
+@contextlib.contextmanager
+def record_between_layers(decoder: torch.nn.Module) -> Iterator[dict[str, Any]]:
+    """Inside the block, a forward of ``decoder`` (the module that owns the decoder
+    layers) records what it adds to the states between its layers: the dict yielded
+    gets ``"after"``, the value for :attr:`LayerCall.after` (``None`` when nothing is
+    added: every model but Qwen3-VL's deepstack)."""
+    seen: dict[str, Any] = {"after": None}
+
+    def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        mask, embeds = (kwargs.get(k) for k in DEEPSTACK_KEYS)
+        if mask is not None and embeds is not None and len(embeds):
+            seen["after"] = {"mask": mask.bool(), "embeds": list(embeds)}
+
+    handle = decoder.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def after_layer(call: LayerCall, index: int, hidden: torch.Tensor) -> torch.Tensor:
+    """The decoder's input to layer ``index + 1`` given layer ``index``'s output (after
+    any steering hook on it): ``hidden`` itself, or with Qwen3-VL's deepstack features
+    for layer ``index`` added at the visual positions, as its text model does."""
+    after = call.after
+    if after is None or index >= len(after["embeds"]):
+        return hidden
+    mask = after["mask"].to(hidden.device)
+    out = hidden.clone()
+    out[mask, :] = out[mask, :] + after["embeds"][index].to(hidden.device, hidden.dtype)
+    return out
+
+
+class LayerProbe(torch.nn.Module):
+    """Stands in for decoder ``layer`` 1 in a forward stopped after layer 0: records the
+    input and the arguments the decoder gives layer 1 (``seen``: ``(hidden,
+    LayerCall)``) and passes the states on unchanged, as a tuple where layer 0
+    returned one (``tuple_output``; 4.x up to 4.53)."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.__dict__["stands_for"] = layer  # not a submodule: its parameters stay where they are
+        self.seen: tuple[torch.Tensor, LayerCall] | None = None
+        self.tuple_output = False
+
+    def __getattr__(self, name: str) -> Any:
+        """What the decoder reads from the layer it calls (4.57 picks each layer's mask by
+        its ``attention_type``) comes from the layer stood in for."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["stands_for"], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if args and isinstance(args[0], torch.Tensor):
+            hidden, call = args[0], LayerCall(tuple(args[1:]), dict(kwargs), False)
+        else:
+            hidden = kwargs.get("hidden_states")
+            call = LayerCall(tuple(args), {k: v for k, v in kwargs.items() if k != "hidden_states"}, True)
+        if not isinstance(hidden, torch.Tensor):
+            raise UnsupportedModelError("decoder layer 1 was called without its hidden states as the first argument or "
+                                        "the hidden_states keyword: it cannot be called again")
+        self.seen = (hidden, call)
+        return (hidden,) if self.tuple_output else hidden
+
+
+def same_call(a: LayerCall, b: LayerCall) -> str | None:
+    """``None`` when two recorded calls pass the same arguments (the same tensor
+    objects, or equal ones), else the first argument that differs."""
+
+    def same(x: Any, y: Any) -> bool:
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            return x is y or (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+                              and x.dtype == y.dtype and bool(torch.equal(x, y)))
+        if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
+            return type(x) is type(y) and len(x) == len(y) and all(same(u, v) for u, v in zip(x, y))
+        if isinstance(x, dict) and isinstance(y, dict):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if x is y:
+            return True
+        try:
+            return bool(x == y)
+        except Exception:  # noqa: BLE001 - objects that cannot be compared (a cache, a BlockMask) are not known equal
+            return False
+
+    if a.hidden_keyword != b.hidden_keyword or len(a.args) != len(b.args):
+        return "the positional arguments"
+    for i, (x, y) in enumerate(zip(a.args, b.args)):
+        if not same(x, y):
+            return f"positional argument {i + 1}"
+    for key in sorted(set(a.kwargs) | set(b.kwargs)):
+        if key not in a.kwargs or key not in b.kwargs or not same(a.kwargs[key], b.kwargs[key]):
+            return f"{key!r}"
+    return None
+
+
 def call_layer(layer: torch.nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
     """``layer``'s output hidden states for input ``hidden`` under a recorded call (its
     hooks and any steering installed on it run as in a forward)."""
@@ -602,7 +717,9 @@ def repeat_batch(call: LayerCall, batch: int, times: int) -> LayerCall | None:
 
     if not plain(call.args) or not plain(call.kwargs):
         return None
-    out = call.map_tensors(repeat)
+    out = LayerCall(_map_tensors(call.args, repeat), _map_tensors(call.kwargs, repeat), call.hidden_keyword)
+    if call.after is not None:  # the mask along the batch, each layer's features once per copy (row-major order)
+        out.after = {"mask": call.after["mask"].repeat(times, 1), "embeds": [e.repeat(times, 1) for e in call.after["embeds"]]}
     return out if ok[0] else None
 
 
@@ -618,8 +735,13 @@ def layer_call_obstacle(text_config: Any) -> str | None:
 
 
 __all__ = [
+    "DEEPSTACK_KEYS",
     "LayerCall",
+    "LayerProbe",
+    "after_layer",
     "call_layer",
+    "record_between_layers",
+    "same_call",
     "layer_call_obstacle",
     "repeat_batch",
     "record_layer_call",

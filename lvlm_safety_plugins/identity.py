@@ -87,13 +87,19 @@ def weights_sample(model: Any) -> "Any":
     import torch
 
     out: list[torch.Tensor] = []
+    positions: dict[tuple[int, Any], torch.Tensor] = {}  # the index tensor per size and device, made once
     for _, param in model.named_parameters():
         n = param.numel()
         if n == 0 or param.device.type == "meta":
             out.append(torch.full((PER_PARAM,), float("nan")))
             continue
-        idx = torch.tensor([0, n // 3, (2 * n) // 3, n - 1], device=param.device)
-        out.append(param.detach().reshape(-1)[idx].float().cpu())
+        idx = positions.get((n, param.device))
+        if idx is None:
+            idx = positions[(n, param.device)] = torch.tensor([0, n // 3, (2 * n) // 3, n - 1], device=param.device)
+        values = param.detach().reshape(-1).index_select(0, idx)
+        if values.dtype != torch.float32:
+            values = values.float()
+        out.append(values if values.device.type == "cpu" else values.cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 

@@ -604,6 +604,47 @@ def test_one_pass_calibration_of_a_llava_package_model_equals_a_pass_per_layer()
         assert want[layer].norm() > 0
 
 
+def test_one_pass_calibration_runs_each_layer_once_per_batch_and_input(tiny_llava, tiny_llava_processor):
+    """Counted with pre-hooks on the real layers: 5 rows in batches of 2 are 3 batches,
+    each with one text-only and one reference-image input, so every decoder layer runs
+    6 times (layer 0 too: the forward that records the layer arguments keeps its
+    output; it ran 9 times when the loop called it again), and a probe, not layer 1,
+    stands after it in that forward. No hook is left behind."""
+    adapter = get_adapter(tiny_llava)
+    counts = {l: 0 for l in range(adapter.num_layers)}
+
+    def count(layer):
+        def hook(module, args, kwargs):
+            counts[layer] += 1
+        return hook
+
+    handles = [adapter.decoder_layers[l].register_forward_pre_hook(count(l), with_kwargs=True) for l in counts]
+    try:
+        cfg = type("C", (), {"batch_size": 2, "alpha": 0.5})()
+        got = calibrate(tiny_llava, tiny_llava_processor, rows(5), cfg, progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert got.extra["calibration"] == "one pass" and got.samples == 5
+    assert counts == {l: 6 for l in counts}
+    assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in adapter.decoder_layers)
+    assert list(adapter.decoder_layers) == [m for m in adapter.decoder_layers if type(m).__name__ != "LayerProbe"]
+
+
+def test_same_call_names_the_argument_that_differs():
+    from lvlm_safety_plugins.compat import LayerCall, same_call
+
+    mask = torch.zeros(1, 1, 3, 3)
+    cos = torch.ones(1, 3, 4)
+    a = LayerCall((), {"attention_mask": mask, "position_embeddings": (cos, cos), "use_cache": False}, False)
+    assert same_call(a, LayerCall((), {"attention_mask": mask.clone(), "position_embeddings": (cos, cos.clone()),
+                                       "use_cache": False}, False)) is None
+    assert same_call(a, LayerCall((), {"attention_mask": mask + 1, "position_embeddings": (cos, cos), "use_cache": False},
+                                  False)) == "'attention_mask'"
+    assert same_call(a, LayerCall((), {"attention_mask": mask, "position_embeddings": (cos, cos)}, False)) == "'use_cache'"
+    assert same_call(a, LayerCall((mask,), dict(a.kwargs), False)) == "the positional arguments"
+
+
 # -- sample level, reference none: two forwards per prefill -----------------------------------
 
 

@@ -897,3 +897,66 @@ def test_eval_cli_through_the_chat_template_of_an_idefics3(tmp_path, capsys):
     # FigStep's text variant (the same requests as text) is answered by the run without a recipe only
     assert len(rows) == 6 and {r["run"] for r in rows if r["benchmark"] != "figstep"} == {"base"}
     assert "| figstep | unsafe rate (ASR) | 2 |" in capsys.readouterr().out
+
+
+# -- CMRM's one-pass sequential calibration on every family ---------------------------------
+
+
+def _one_pass(model, batches, layers, alphas, kinds):
+    """One-pass sequential vectors for several alphas at once (side by side where the
+    layer arguments can be repeated), as a sweep calibrates them."""
+    from lvlm_safety_plugins.methods.cmrm.calibration import PreparedCalibration
+
+    prepared = PreparedCalibration(model, batches, measure_at="last", store="auto", store_folder=None, tick=lambda n: None)
+    try:
+        return prepared.vectors_for([{l: a for l in layers} for a in alphas], layers, kinds, keep=True)
+    finally:
+        prepared.close()
+
+
+@pytest.mark.parametrize("f", FAMILIES, ids=_row_id)
+def test_one_pass_sequential_calibration_equals_a_steered_pass_per_layer(f: Family):
+    """The one-pass algorithm (layers called again from a recording, what the decoder
+    adds between layers replayed: Qwen3-VL's deepstack) gives the vectors of their
+    definition, computed here with one steered forward per layer (``per_layer_reference``
+    in test_cmrm), for two alphas side by side, over two batches; models whose layers
+    take different masks are refused by name."""
+    from test_cmrm import per_layer_reference
+
+    from lvlm_safety_plugins.methods.cmrm.calibration import OnePassUnavailable
+    from lvlm_safety_plugins.methods.cmrm.steer import prompt_kinds, steered_positions
+
+    model = _build(f)
+    adapter = get_adapter(model)
+    batches = [(b, adapter.text_only_batch(b)) for b in (_batch(f), _batch(f, seed=1))]
+    layers = list(range(adapter.num_layers))
+    kinds = prompt_kinds(steered_positions("all", "both"))
+    if f.cls in ("Gemma4", "Qwen3_5", "Qwen3_5Moe"):  # sliding/full or linear/full attention layers
+        with pytest.raises(OnePassUnavailable, match="different attention kinds"):
+            _one_pass(model, batches, layers, [0.7], kinds)
+        return
+    with torch.no_grad():
+        got = _one_pass(model, batches, layers, [0.4, 0.9], kinds)
+    for alpha, vectors in zip([0.4, 0.9], got):
+        want = per_layer_reference(model, batches, layers, alpha, "all")
+        for layer in layers:
+            torch.testing.assert_close(vectors[layer], want[layer], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got[0][layers[-1]], got[1][layers[-1]])  # the earlier edit reaches the last layer
+
+
+@pytest.mark.parametrize("f", QWEN3VL[:1], ids=_row_id)
+def test_one_pass_calibration_refuses_a_change_between_layers_it_cannot_replay(f: Family, monkeypatch):
+    """Without the deepstack replay (its keywords renamed here) the probe in layer 1's
+    place sees states that are not layer 0's output and the one-pass algorithm refuses
+    the model, so ``calibrate`` falls back to a pass per layer instead of giving
+    vectors without the deepstack features."""
+    from lvlm_safety_plugins import compat
+    from lvlm_safety_plugins.methods.cmrm.calibration import OnePassUnavailable
+    from lvlm_safety_plugins.methods.cmrm.steer import prompt_kinds, steered_positions
+
+    model = _build(f)
+    adapter = get_adapter(model)
+    batches = [(_batch(f), adapter.text_only_batch(_batch(f)))]
+    monkeypatch.setattr(compat, "DEEPSTACK_KEYS", ("no_such_mask", "no_such_embeds"))
+    with pytest.raises(OnePassUnavailable, match="changes the states between its layers 0 and 1"):
+        _one_pass(model, batches, [0, 1], [0.5], prompt_kinds(steered_positions("all", "both")))

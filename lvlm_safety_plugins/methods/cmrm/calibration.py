@@ -17,7 +17,8 @@ Sequential calibration runs in one sweep of the decoder (:func:`sequential_vecto
 each batch's reference-image states are kept at the current layer (with the arguments
 its decoder layers were called with), layer ``l``'s mean shift is measured over every
 batch, that layer's edit is applied to the kept states, and the next layers are called
-on them. Where a model's layers cannot be called again so, the earlier algorithm (one
+on them (with what the decoder adds between layers replayed: Qwen3-VL's deepstack
+features). Where a model's layers cannot be called again so, the earlier algorithm (one
 reference pass per steered layer) runs instead, with the reason in a warning and in the
 vector file (``x-calibration``).
 """
@@ -283,26 +284,52 @@ class OnePassUnavailable(Exception):
 
 
 def _decoder_input(adapter: Any, model: torch.nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, compat.LayerCall]:
-    """The decoder's input sequence for ``inputs`` (embeddings with the image features
-    spliced in: the vision tower runs here) and the arguments the model calls its
-    decoder layers with; the forward stops after layer 0."""
-    layer = adapter.decoder_layers[0]
-    seen: list[torch.Tensor] = []
+    """Decoder layer 0's output for ``inputs`` (the vision tower and the embeddings run
+    here; layer 0 once) and the arguments the model calls its decoder layers with, with
+    what the decoder adds between layers (:func:`compat.after_layer
+    <lvlm_safety_plugins.compat.after_layer>`); the forward stops after layer 0, a
+    :class:`~lvlm_safety_plugins.compat.LayerProbe` in layer 1's place checking that
+    layer 1 gets layer 0's output (after that addition) and the same arguments."""
+    layers = adapter.decoder_layers
+    layer = layers[0]
+    outputs: list[Any] = []
+    probe = compat.LayerProbe(layers[1]) if len(layers) > 1 else None
 
-    def grab(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        seen.append(args[0] if args else kwargs["hidden_states"])
+    def grab(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        # a copy: the decoder may add to the output in place afterwards (4.57's deepstack),
+        # and the probe compares what layer 1 gets with it
+        outputs.append(compat.layer_hidden(output).clone())
+        if probe is not None:
+            probe.tuple_output = isinstance(output, tuple)
 
-    hook = layer.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with compat.record_layer_call(layer) as calls, truncated_decoder(adapter, 0), skipped_lm_head(adapter):
+    with contextlib.ExitStack() as stack:
+        calls = stack.enter_context(compat.record_layer_call(layer))
+        between = stack.enter_context(compat.record_between_layers(adapter.decoder_owner[0]))
+        # registered after every hook already on the layer: what the decoder goes on with
+        hook = layer.register_forward_hook(grab)
+        stack.callback(hook.remove)
+        stack.enter_context(truncated_decoder(adapter, 0, then=probe))
+        stack.enter_context(skipped_lm_head(adapter))
+        try:
             model(**inputs, use_cache=False)
-    except compat.UnsupportedModelError as exc:
-        raise OnePassUnavailable(str(exc)) from None
-    finally:
-        hook.remove()
-    if len(calls) != 1 or len(seen) != 1:
+        except compat.UnsupportedModelError as exc:
+            raise OnePassUnavailable(str(exc)) from None
+    if len(calls) != 1 or len(outputs) != 1:
         raise OnePassUnavailable(f"decoder layer 0 ran {len(calls)} times in one forward")
-    return seen[0], calls[0]
+    hidden, call = outputs[0], calls[0]
+    call.after = between["after"]
+    if probe is not None:
+        if probe.seen is None:
+            raise OnePassUnavailable("the decoder did not call its layer 1 after layer 0")
+        seen, later = probe.seen
+        differs = compat.same_call(call, later)
+        if differs is not None:
+            raise OnePassUnavailable(f"decoder layers 0 and 1 are called with different arguments ({differs})")
+        expected = compat.after_layer(call, 0, hidden)
+        if seen.shape != expected.shape or not bool(torch.equal(seen, expected)):
+            raise OnePassUnavailable("the decoder changes the states between its layers 0 and 1 in a way this library "
+                                     "cannot replay")
+    return hidden, call
 
 
 class _Steered:
@@ -330,7 +357,7 @@ class _Steered:
 
 class PreparedCalibration:
     """One sweep of a calibration set's forwards that every sequential calibration of
-    the same data can start from: per batch the decoder's input sequence (the vision
+    the same data can start from: per batch decoder layer 0's output (the vision
     tower and the preprocessing done), the arguments of its decoder layers and its
     layout, and the text-only pooled sums at every layer (up to ``upto``). Under :func:`reusing_work`
     it is kept and reused (a sweep), with a checkpoint of the states at the last first
@@ -355,9 +382,14 @@ class PreparedCalibration:
         self.checkpoint: tuple[int, StateStore] | None = None
         self.stats = {"reference_forwards": 0, "text_forwards": 0, "layer_calls": 0}
         try:
-            with unsteered():
+            # one capture for every batch's text-only forward (its hooks registered once),
+            # without masks while the reference forward runs
+            with unsteered(), HiddenCapture(self.adapter, every, None, measure_at, detach=True) as text:
                 for with_image, text_only in batches:
-                    self.text.add(measure_states(self.adapter, model, text_only, every, measure_at))
+                    text.set_masks({"m": measure_mask(self.adapter.layout(text_only), measure_at)})
+                    text.run(model, **text_only)
+                    self.text.add(text.stacked("m").float())
+                    text.set_masks({})
                     hidden, call = _decoder_input(self.adapter, model, with_image)
                     layout = self.adapter.layout(with_image)
                     where = measure_mask(layout, measure_at)
@@ -398,76 +430,56 @@ class PreparedCalibration:
         from ...distributed import is_distributed
 
         n = len(alphas)
-        if n > 1 and any(compat.repeat_batch(self.inputs.call(i), int(self.layouts[i].attention_mask.shape[0]), n) is None
-                         for i in range(min(1, len(self.inputs)))):
+        decoder = list(self.adapter.decoder_layers)  # looked up once, not per batch and layer
+        work_of = [_BatchWork(self, i, positions, decoder) for i in range(len(self.inputs))]
+        if n > 1 and work_of and work_of[0].call(n) is None:
             return [self.vectors_for([a], layers, positions, keep=keep, tick=tick)[0] for a in alphas]
         chosen = list(layers)
-        decoder = self.adapter.decoder_layers
-        masks = [prompt_mask(layout, positions) for layout in self.layouts]
-        steered = [_Steered(m) for m in masks]
-        wide = [_Steered(m.repeat(n, 1)) for m in masks] if n > 1 else steered
         first = chosen[0]
         if keep and self.checkpoint is not None and self.checkpoint[0] <= first:
             source, done = self.checkpoint[1], self.checkpoint[0]
         else:
-            source, done = self.inputs, -1
+            source, done = self.inputs, 0  # the kept states are layer 0's output
         saving = keep and (self.checkpoint is None or self.checkpoint[0] != first)
         save = StateStore(self.store, self.device, folder=self.store_folder) if saving else None
         work = StateStore(self.store, self.device, folder=self.store_folder) if keep else self.inputs
         found: list[dict[int, torch.Tensor]] = [{} for _ in alphas]
-        wide_measure: dict[int, tuple[torch.Tensor, Any]] = {}
-        delta: torch.Tensor | None = None  # [n * B, 1, H] per batch, built from [n, H]
+        edit: torch.Tensor | None = None  # [n, H]: the previous steered layer's -alpha * vector per alpha
         try:
             with unsteered():
                 for index, layer in enumerate(chosen):
-                    rows = 1 if index == 0 else n  # before the first edit every alpha sees the same states
-                    image = ShiftAccumulator(list(range(rows)), self.adapter.hidden_size)
-                    total: torch.Tensor | None = None  # [rows, H] float64 on the model's device
-                    for i in range(len(self.inputs)):
+                    copies = 1 if index == 0 else n  # before the first edit every alpha sees the same states
+                    parts: list[torch.Tensor] = []  # per batch [copies, B, H], pooled
+                    for i, batch in enumerate(work_of):
                         hidden, _ = (source if index == 0 else work).get(i)
-                        batch = int(self.layouts[i].attention_mask.shape[0])
-                        call = self.inputs.call(i)
-                        if rows > 1:
-                            call = compat.repeat_batch(call, batch, rows)
-                        if delta is not None:  # the previous steered layer's edit, as steering adds it
-                            if index == 1 and rows > 1:
-                                hidden = hidden.repeat(rows, *([1] * (hidden.dim() - 1)))
-                            shift = delta.repeat_interleave(batch, dim=0).unsqueeze(1) if rows > 1 else delta[0]
-                            hidden = (wide if rows > 1 else steered)[i].apply(hidden, shift)
-                        for k in range(done + 1, layer + 1):
-                            hidden = compat.call_layer(decoder[k], hidden, call)
-                        self.stats["layer_calls"] += (layer - done) * rows
-                        where, last = self.measure[i]
-                        if rows > 1:  # the batch's rows once per alpha: their masks too (worked out once)
-                            if i not in wide_measure:
-                                repeated = where.repeat(rows, 1)
-                                wide_measure[i] = (repeated, last_masked(repeated) if last is not None else None)
-                            where, last = wide_measure[i]
-                        pooled = pool(hidden, where.to(hidden.device), self.measure_at, last=last).float().double()
-                        pooled = pooled.view(rows, batch, -1).sum(1)
-                        total = pooled if total is None else total + pooled
-                        image.count += batch
+                        if index == 1 and copies > 1:
+                            hidden = hidden.repeat(copies, *([1] * (hidden.dim() - 1)))
+                        hidden = batch.advance(hidden, edit, done, layer, copies)
+                        parts.append(batch.pooled(hidden, copies))
                         if save is not None and index == 0:
                             save.put(hidden)
                         if layer != chosen[-1]:
                             if keep and index == 0:
                                 work.put(hidden)
-                            elif index == 1 and rows > 1:  # now one copy of the batch per alpha
+                            elif index == 1 and copies > 1:  # now one copy of the batch per alpha
                                 work.replace(i, hidden)
                             else:
                                 work.set(i, hidden)
                         tick(1)
+                    self.stats["layer_calls"] += (layer - done) * copies * len(work_of)
                     done = layer
-                    if total is not None:
-                        image.sums += total.cpu()
+                    image = ShiftAccumulator(list(range(copies)), self.adapter.hidden_size)
+                    if parts:  # float64 sums over every row, per copy
+                        image.sums += torch.cat(parts, dim=1).double().sum(dim=1).cpu()
+                        image.count = sum(int(part.shape[1]) for part in parts)
                     if is_distributed():
                         image.reduce()
                     if not image.count:
                         break
                     means = image.means()
                     for j in range(n):
-                        found[j][layer] = means[min(j, rows - 1)] - self.text_means[layer]
-                    delta = torch.stack([-alphas[j][layer] * found[j][layer] for j in range(n)])
+                        found[j][layer] = means[min(j, copies - 1)] - self.text_means[layer]
+                    edit = torch.stack([-alphas[j][layer] * found[j][layer] for j in range(n)])
         except BaseException:
             if save is not None:
                 save.close()
@@ -480,6 +492,58 @@ class PreparedCalibration:
                 self.checkpoint[1].close()
             self.checkpoint = (first, save)
         return found
+
+
+class _BatchWork:
+    """What :meth:`PreparedCalibration.vectors_for` needs of one batch, for its rows
+    once (``copies`` 1) or once per alpha (``copies`` n, copy-major), each worked out
+    once: the layer call, where the edit goes (:class:`_Steered`), where the states are
+    pooled."""
+
+    def __init__(self, prepared: PreparedCalibration, i: int, positions: frozenset[str], decoder: list[torch.nn.Module]) -> None:
+        self.prepared, self.i, self.decoder = prepared, i, decoder
+        layout = prepared.layouts[i]
+        self.rows = int(layout.attention_mask.shape[0])
+        self.mask = prompt_mask(layout, positions)
+        self._calls: dict[int, compat.LayerCall | None] = {}
+        self._steered: dict[int, _Steered] = {}
+        self._measure: dict[int, tuple[torch.Tensor, Any]] = {1: prepared.measure[i]}
+        self._edit: tuple[Any, torch.Tensor] | None = None  # the last edit as the batch's states take it
+
+    def call(self, copies: int) -> compat.LayerCall | None:
+        if copies not in self._calls:
+            call = self.prepared.inputs.call(self.i)
+            self._calls[copies] = call if copies == 1 else compat.repeat_batch(call, self.rows, copies)
+        return self._calls[copies]
+
+    def advance(self, hidden: torch.Tensor, edit: torch.Tensor | None, done: int, layer: int, copies: int) -> torch.Tensor:
+        """``hidden`` (layer ``done``'s output) with ``edit`` applied as steering adds
+        it, then through the decoder layers up to ``layer``."""
+        if edit is not None:
+            key = (done, copies, hidden.device, hidden.dtype)  # the edit of layer ``done``
+            if self._edit is None or self._edit[0] != key:
+                cast = edit.to(hidden.device, hidden.dtype)
+                self._edit = (key, cast[0] if copies == 1 else cast.repeat_interleave(self.rows, dim=0).unsqueeze(1))
+            steered = self._steered.get(copies)
+            if steered is None:
+                steered = self._steered[copies] = _Steered(self.mask if copies == 1 else self.mask.repeat(copies, 1))
+            hidden = steered.apply(hidden, self._edit[1])
+        call = self.call(copies)
+        assert call is not None
+        decoder = self.decoder
+        for k in range(done + 1, layer + 1):
+            hidden = compat.call_layer(decoder[k], compat.after_layer(call, k - 1, hidden), call)
+        return hidden
+
+    def pooled(self, hidden: torch.Tensor, copies: int) -> torch.Tensor:
+        """``[copies, B, H]``: the states pooled at the measured positions."""
+        measure = self._measure.get(copies)
+        if measure is None:
+            where, last = self._measure[1]
+            repeated = where.repeat(copies, 1)
+            measure = self._measure[copies] = (repeated, last_masked(repeated) if last is not None else None)
+        where, last = measure
+        return pool(hidden, where, self.prepared.measure_at, last=last).view(copies, self.rows, -1)
 
 
 def sequential_vectors(
@@ -499,8 +563,11 @@ def sequential_vectors(
 
     ``batches`` yields ``(reference-image inputs, text-only inputs)``. Each batch's
     text-only forward runs once (pooled on the fly at every layer) and its reference
-    forward once, stopped at the decoder's input; that sequence is kept (``store``:
-    :class:`StateStore`) with the arguments the decoder layers were called with. Then
+    forward once, stopped after decoder layer 0 (:func:`_decoder_input`: a probe in
+    layer 1's place checks that the decoder passes layer 0's output on unchanged, or
+    changed in a way :func:`~lvlm_safety_plugins.compat.after_layer` replays); layer 0's
+    output is kept (``store``: :class:`StateStore`) with the arguments the decoder layers
+    were called with. Then
     for each steered layer in order the kept states are advanced through the decoder
     layers up to it (called again with those arguments), their pooled mean over every
     batch (float64, summed over processes under torch.distributed) minus the text-only
@@ -509,7 +576,8 @@ def sequential_vectors(
     before the next layer. The vectors equal those of one reference pass per layer,
     steered by the vectors found so far. Raises :class:`OnePassUnavailable` when the
     model's layers cannot be called again (see
-    :func:`~lvlm_safety_plugins.compat.layer_call_obstacle`)."""
+    :func:`~lvlm_safety_plugins.compat.layer_call_obstacle`) or the probe finds the
+    decoder doing something between its layers that cannot be replayed."""
     tick = progress or (lambda n: None)
     prepared = PreparedCalibration(model, batches, measure_at=measure_at, store=store, store_folder=store_folder, tick=tick,
                                    upto=max(layers))
