@@ -212,7 +212,7 @@ def main() -> None:
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     dtype = getattr(torch, args.dtype)
     shape = SHAPES[args.shape]
-    steps = args.steps or (20 if args.quick else 10)
+    steps = args.steps or (40 if args.quick else 10)
     model, batch, extras = build(shape, args.device, dtype)
     get_adapter(model).set_trainable("projector")
     layers = layers_for(shape["layers"])

@@ -100,6 +100,35 @@ def skipped_lm_head(adapter: "ModelAdapter") -> Iterator[None]:
         owner._modules[name] = head
 
 
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block every module of ``model`` is in eval mode; afterwards each has
+    its own training flag back (also on error), so a module a caller froze in eval
+    mode stays so. Where no module overrides ``train``, the flags are set directly,
+    which is what ``model.eval()`` does then, without its recursion through the module
+    tree on every training step (TGA's teacher pass); otherwise ``train``/``eval`` are
+    called."""
+    modules = list(model.modules())
+    flags = [m.training for m in modules]
+    plain = all(type(m).train is torch.nn.Module.train for m in modules)
+    if plain:
+        for m in modules:
+            m.__dict__["training"] = False
+    else:
+        model.eval()
+    try:
+        yield
+    finally:
+        if plain:
+            for m, flag in zip(modules, flags):
+                m.__dict__["training"] = flag
+        else:
+            model.train(flags[0])
+            for m, flag in zip(modules, flags):
+                if m.training != flag:
+                    m.train(flag)
+
+
 def run_to_layer(adapter: "ModelAdapter", model: torch.nn.Module, last: int, **inputs: Any) -> Any:
     """``model(**inputs, use_cache=False)`` with the decoder stopped after layer
     ``last`` (:func:`truncated_decoder`) and the LM head skipped
@@ -471,4 +500,4 @@ class ForwardCapture:
 
 
 __all__ = ["ForwardCapture", "HiddenCapture", "POOLINGS", "last_masked", "pool", "run_to_layer", "skipped_lm_head",
-           "truncated_decoder"]
+           "truncated_decoder", "eval_mode"]

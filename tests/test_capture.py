@@ -119,3 +119,39 @@ def test_run_stops_after_the_deepest_captured_layer(tiny_llava, tiny_llava_proce
             h.remove()
     for layer in (0, 1):
         torch.testing.assert_close(early.pooled["all"][layer], full.pooled["all"][layer])
+
+
+def test_eval_mode_puts_every_module_in_eval_and_gives_each_its_own_flag_back(tiny_llava):
+    """Inside the block no module is training; afterwards each module has the flag it
+    had (a vision tower frozen in eval mode stays so, where model.train() would flip
+    it), also after an error, and also when a module overrides ``train`` (then the
+    library calls train/eval instead of setting the flags)."""
+    import copy
+
+    from lvlm_safety_plugins.capture import eval_mode
+
+    model = copy.deepcopy(tiny_llava)  # the fixture is shared: its modes are not touched
+    model.train()
+    frozen = model.model.vision_tower if hasattr(model, "model") and hasattr(model.model, "vision_tower") else \
+        model.vision_tower
+    frozen.eval()
+    before = {name: m.training for name, m in model.named_modules()}
+    assert any(before.values()) and not all(before.values())
+    with pytest.raises(RuntimeError, match="inside"):
+        with eval_mode(model):
+            assert not any(m.training for m in model.modules())
+            raise RuntimeError("inside")
+    assert {name: m.training for name, m in model.named_modules()} == before
+
+    class Counting(torch.nn.Module):  # overrides train: the flags are not set behind its back
+        calls = 0
+
+        def train(self, mode=True):
+            Counting.calls += 1
+            return super().train(mode)
+
+    model.add_module("counting", Counting())
+    before = {name: m.training for name, m in model.named_modules()}
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert {name: m.training for name, m in model.named_modules()} == before and Counting.calls >= 2

@@ -751,6 +751,64 @@ def test_tga_caption_teacher_context_drops_the_image_markers(f: Family):
         assert got["caption_mask"][b].nonzero().flatten().tolist() == list(range(n - captioned, n))
 
 
+def _teacher_rows_one_by_one(adapter, batch, cap_ids, cap_mask, retrieved):
+    """TGA's caption teacher rows built row by row, as the method defines them: the
+    row's real tokens before its first image token, less the retrieved ones and the
+    image markers, then the row's caption tokens; a row without an image or a caption
+    gets its caption (or one pad token) alone, with nothing pooled."""
+    ids, attention = batch["input_ids"], batch["attention_mask"].bool()
+    markers = set(adapter.marker_token_ids())
+    out_ids, out_pooled = [], []
+    for b in range(ids.shape[0]):
+        caption = [int(t) for t, m in zip(cap_ids[b], cap_mask[b]) if m]
+        images = [j for j in range(ids.shape[1]) if attention[b, j] and int(ids[b, j]) == adapter.image_token_id]
+        valid = bool(images) and bool(caption)
+        prefix = [int(ids[b, j]) for j in range(images[0] if images else 0)
+                  if valid and attention[b, j] and not retrieved[b, j] and int(ids[b, j]) not in markers]
+        tail = caption or [adapter.pad_token_id]
+        out_ids.append(prefix + tail)
+        out_pooled.append([False] * len(prefix) + [valid] * len(tail))
+    return out_ids, out_pooled
+
+
+@pytest.mark.parametrize("f", [f for f in FAMILIES if f.cls in ("Gemma3", "Glm4v", "LlavaOnevision")], ids=_row_id)
+def test_tga_caption_teacher_rows_equal_the_row_by_row_definition(f: Family):
+    """The teacher rows, built for all rows at once, equal the definition written here
+    row by row, on random batches: left and right padding, rows without an image, with
+    two images, with retrieved text, with an empty caption, markers where the family
+    has them."""
+    model = _build(f)
+    adapter = get_adapter(model)
+    tga = Runtime(load_recipe("tga_llava15_finetune"), model=model).methods["tga"]
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        rows, length = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(4, 12, (1,), generator=g))
+        ids = torch.randint(3, 60, (rows, length), generator=g)
+        specials = [adapter.image_token_id, *adapter.marker_token_ids()]
+        sprinkle = torch.rand(rows, length, generator=g) < 0.3
+        ids[sprinkle] = torch.tensor(specials)[torch.randint(0, len(specials), (int(sprinkle.sum()),), generator=g)]
+        real = torch.randint(1, length + 1, (rows,), generator=g)
+        column = torch.arange(length)
+        attention = (column >= length - real[:, None]) if trial % 2 else (column < real[:, None])
+        ids[~attention] = adapter.pad_token_id
+        retrieved = (torch.rand(rows, length, generator=g) < 0.25) & attention
+        cap_len = torch.randint(0, 5, (rows,), generator=g)  # 0: no caption
+        cap_ids = torch.randint(3, 60, (rows, 5), generator=g)
+        cap_mask = (torch.arange(5) < cap_len[:, None]).long()
+        batch = {"input_ids": ids, "attention_mask": attention.long()}
+        got = tga.teacher_batch(adapter, batch, cap_ids, cap_mask, retrieved)
+        want_ids, want_pooled = _teacher_rows_one_by_one(adapter, batch, cap_ids, cap_mask, retrieved)
+        width = max(map(len, want_ids))
+        assert tuple(got["input_ids"].shape) == (rows, width), trial
+        for b in range(rows):
+            n = len(want_ids[b])
+            assert got["input_ids"][b, :n].tolist() == want_ids[b], (trial, b)
+            assert got["input_ids"][b, n:].tolist() == [adapter.pad_token_id] * (width - n), (trial, b)
+            assert got["attention_mask"][b].tolist() == [1] * n + [0] * (width - n), (trial, b)
+            assert got["caption_mask"][b].tolist() == want_pooled[b] + [False] * (width - n), (trial, b)
+        assert got["attention_mask"].dtype == torch.long and got["caption_mask"].dtype == torch.bool
+
+
 def test_mllama_is_refused_by_name():
     """Cross-attention models have no image positions in the decoder's sequence."""
     cls = getattr(transformers, "MllamaForConditionalGeneration", None)

@@ -44,8 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import compat
-from ...adapters.base import repad
-from ...capture import ForwardCapture, HiddenCapture
+from ...capture import ForwardCapture, HiddenCapture, eval_mode
 from ...errors import ConfigError, GradientError, LVLMSafetyError
 from ...markers import hookimpl
 from ..base import Method
@@ -294,32 +293,37 @@ class TGA(Method):
         caption stands where the image stood, in the same template. A row without an
         image or caption gets its caption (or one pad token) alone and an empty
         ``caption_mask``."""
+        # every row at once (no per-row loop, no host sync per row): each kept prefix
+        # token and each caption token is written at its rank in its output row
         input_ids = batch["input_ids"]
+        device, dtype = input_ids.device, input_ids.dtype
+        rows, length = input_ids.shape
         attention = batch.get("attention_mask")
-        attention = torch.ones_like(input_ids, dtype=torch.bool) if attention is None else attention.bool()
+        attention = torch.ones_like(input_ids, dtype=torch.bool) if attention is None else attention.to(device).bool()
         image = adapter.image_token_positions(input_ids) & attention
-        pad = adapter.pad_token_id
-        markers = torch.tensor(adapter.marker_token_ids(), dtype=input_ids.dtype, device=input_ids.device)
-        rows, masks = [], []
-        for b in range(input_ids.shape[0]):
-            caption = caption_ids[b][caption_mask[b].bool()].to(input_ids.device, input_ids.dtype)
-            valid = bool(image[b].any()) and caption.numel() > 0
-            if not caption.numel():
-                caption = torch.full((1,), pad, dtype=input_ids.dtype, device=input_ids.device)
-            prefix = input_ids[b][:0]
-            if valid:
-                keep = attention[b] & (torch.arange(len(attention[b]), device=attention.device) < int(image[b].nonzero()[0, 0]))
-                if retrieved is not None:
-                    keep &= ~retrieved[b].to(keep.device).bool()
-                if markers.numel():
-                    keep &= ~torch.isin(input_ids[b], markers).to(keep.device)
-                prefix = input_ids[b][keep]
-            rows.append(torch.cat([prefix, caption]))
-            masks.append(torch.cat([torch.zeros(len(prefix), dtype=torch.bool, device=input_ids.device),
-                                    torch.full((len(caption),), valid, dtype=torch.bool, device=input_ids.device)]))
-        ids = repad(rows, pad, "right")
-        real = repad([torch.ones(len(r), dtype=torch.long, device=ids.device) for r in rows], 0, "right")
-        return {"input_ids": ids, "attention_mask": real, "caption_mask": repad(masks, False, "right").bool()}
+        captions = caption_mask.to(device).bool()
+        caption_tokens = caption_ids.to(device, dtype)
+        has_image = image.any(dim=1)
+        valid = has_image & captions.any(dim=1)
+        first_image = torch.where(has_image, image.int().argmax(dim=1), torch.full_like(has_image, length, dtype=torch.long))
+        keep = attention & (torch.arange(length, device=device) < first_image[:, None]) & valid[:, None]
+        if retrieved is not None:
+            keep &= ~retrieved.to(device).bool()
+        markers = torch.tensor(adapter.marker_token_ids(), dtype=dtype, device=device)
+        if markers.numel():
+            keep &= ~torch.isin(input_ids, markers)
+        prefix = keep.sum(dim=1)
+        total = prefix + captions.sum(dim=1).clamp(min=1)  # a row without a caption gets one pad token
+        width = int(total.max()) if rows else 0
+        ids = torch.full((rows, width), adapter.pad_token_id, dtype=dtype, device=device)
+        row_of = torch.arange(rows, device=device)[:, None]
+        ids[row_of.expand_as(keep)[keep], (keep.cumsum(dim=1) - 1)[keep]] = input_ids[keep]
+        at = prefix[:, None] + captions.cumsum(dim=1) - 1
+        ids[row_of.expand_as(captions)[captions], at[captions]] = caption_tokens[captions]
+        column = torch.arange(width, device=device)[None, :]
+        real = column < total[:, None]
+        return {"input_ids": ids, "attention_mask": real.long(),
+                "caption_mask": real & (column >= prefix[:, None]) & valid[:, None]}
 
     @hookimpl
     def before_forward(self, model: torch.nn.Module, batch: dict, ctx: "StepContext") -> None:
@@ -347,14 +351,10 @@ class TGA(Method):
         else:
             teacher_inputs = {"input_ids": cap_ids, "attention_mask": cap_mask.clamp(min=0)}
             pooled_mask = cap_mask.bool()
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), HiddenCapture(adapter, layers, {"cap": pooled_mask}, pooling, detach=True) as cap:
-                # stops after the deepest TGA layer: later layers never run
-                cap.run(model, **teacher_inputs)
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.no_grad(), HiddenCapture(adapter, layers, {"cap": pooled_mask}, pooling,
+                                                               detach=True) as cap:
+            # stops after the deepest TGA layer: later layers never run
+            cap.run(model, **teacher_inputs)
         ctx.scratch["tga_cap"] = cap.stacked("cap")
         token_masks = {"ret": extras[RETRIEVED_MASK]} if RETRIEVED_MASK in extras else None
         # the host forward's states at the TGA layers, through the public capture API
