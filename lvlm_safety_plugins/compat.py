@@ -558,6 +558,19 @@ def _map_tensors(value: Any, fn: Any) -> Any:
     return value
 
 
+def split_layer_call(name: str, args: tuple, kwargs: dict) -> tuple[torch.Tensor, LayerCall]:
+    """A decoder layer's call as ``(hidden states, the rest as a LayerCall)``: the hidden
+    states positional first, or the ``hidden_states`` keyword; ``name`` (the layer) is
+    in the error raised when neither holds a tensor."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0], LayerCall(tuple(args[1:]), dict(kwargs), False)
+    hidden = kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor):
+        raise UnsupportedModelError(f"{name} was called without its hidden states as the first argument or the "
+                                    "hidden_states keyword: it cannot be called again")
+    return hidden, LayerCall(tuple(args), {k: v for k, v in kwargs.items() if k != "hidden_states"}, True)
+
+
 @contextlib.contextmanager
 def record_layer_call(layer: torch.nn.Module) -> Iterator[list[LayerCall]]:
     """Inside the block, every call of ``layer`` appends its :class:`LayerCall` to the
@@ -565,13 +578,7 @@ def record_layer_call(layer: torch.nn.Module) -> Iterator[list[LayerCall]]:
     calls: list[LayerCall] = []
 
     def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if args and isinstance(args[0], torch.Tensor):
-            calls.append(LayerCall(tuple(args[1:]), dict(kwargs), False))
-        elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
-            calls.append(LayerCall(tuple(args), {k: v for k, v in kwargs.items() if k != "hidden_states"}, True))
-        else:
-            raise UnsupportedModelError(f"{type(module).__name__} was called without its hidden states as the first "
-                                        "argument or the hidden_states keyword: it cannot be called again")
+        calls.append(split_layer_call(type(module).__name__, args, kwargs)[1])
 
     handle = layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
@@ -639,14 +646,7 @@ class LayerProbe(torch.nn.Module):
             return getattr(self.__dict__["stands_for"], name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if args and isinstance(args[0], torch.Tensor):
-            hidden, call = args[0], LayerCall(tuple(args[1:]), dict(kwargs), False)
-        else:
-            hidden = kwargs.get("hidden_states")
-            call = LayerCall(tuple(args), {k: v for k, v in kwargs.items() if k != "hidden_states"}, True)
-        if not isinstance(hidden, torch.Tensor):
-            raise UnsupportedModelError("decoder layer 1 was called without its hidden states as the first argument or "
-                                        "the hidden_states keyword: it cannot be called again")
+        hidden, call = split_layer_call("decoder layer 1", args, kwargs)
         self.seen = (hidden, call)
         return (hidden,) if self.tuple_output else hidden
 
@@ -742,6 +742,7 @@ __all__ = [
     "call_layer",
     "record_between_layers",
     "same_call",
+    "split_layer_call",
     "layer_call_obstacle",
     "repeat_batch",
     "record_layer_call",
