@@ -105,30 +105,15 @@ def make_step(model: Any, batch: dict[str, Any], extras: dict[str, Any], use_tga
 
 
 def make_teacher_pass(model: Any, batch: dict[str, Any], extras: dict[str, Any], layers: str) -> Any:
-    """TGA's caption teacher pass alone, as the plugin runs it in ``before_forward``
-    (the teacher rows in the training rows' template, no gradient, the forward stopped
-    after the deepest TGA layer, pooled on the fly): where the step's extra time goes."""
-    import torch
-
+    """TGA's caption teacher pass alone, the plugin's own ``teacher_states`` (what
+    ``before_forward`` runs: the teacher rows in the training rows' template, no
+    gradient, the forward stopped after the deepest TGA layer): where the step's extra
+    time goes."""
     from lvlm_safety_plugins import Runtime
-    from lvlm_safety_plugins.capture import HiddenCapture
-    from lvlm_safety_plugins.methods.tga.method import CAPTION_IDS, CAPTION_MASK, RETRIEVED_MASK
 
     runtime = Runtime({"plugins": ["tga"], "tga": {"layers": layers, "schedule": "constant"}}, model=model)
-    plugin = runtime.methods["tga"]
-    adapter = get_adapter(model)
-
-    def teacher() -> None:
-        rows = plugin.teacher_batch(adapter, batch, extras[CAPTION_IDS], extras[CAPTION_MASK], extras[RETRIEVED_MASK])
-        model.eval()
-        try:
-            with torch.no_grad(), HiddenCapture(adapter, plugin.layers(adapter), {"cap": rows["caption_mask"]},
-                                                plugin.config.pooling.name, detach=True) as cap:
-                cap.run(model, input_ids=rows["input_ids"], attention_mask=rows["attention_mask"])
-        finally:
-            model.train()
-
-    return teacher
+    plugin, adapter = runtime.methods["tga"], get_adapter(model)
+    return lambda: plugin.teacher_states(model, adapter, batch, extras)
 
 
 def sync(device: str) -> None:

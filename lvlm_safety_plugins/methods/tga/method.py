@@ -325,6 +325,27 @@ class TGA(Method):
         return {"input_ids": ids, "attention_mask": real.long(),
                 "caption_mask": real & (column >= prefix[:, None]) & valid[:, None]}
 
+    def teacher_states(self, model: torch.nn.Module, adapter: "ModelAdapter", batch: Mapping[str, Any],
+                       extras: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The caption teacher pass; returns ``(states, pooled)``: the caption states
+        pooled at the TGA layers, ``[layers, batch, hidden]``, and the positions pooled,
+        ``[batch, length]``. The captions stand in the rows' template
+        (:meth:`teacher_batch`) or alone (``caption_context: caption``); the model is in
+        eval mode, without gradient, the forward stopped after the deepest TGA layer."""
+        cap_ids, cap_mask = extras[CAPTION_IDS], extras[CAPTION_MASK]
+        if self.config.caption_context == CaptionContext.prompt:
+            teacher = self.teacher_batch(adapter, batch, cap_ids, cap_mask, extras.get(RETRIEVED_MASK))
+            teacher_inputs = {"input_ids": teacher["input_ids"], "attention_mask": teacher["attention_mask"]}
+            pooled_mask = teacher["caption_mask"]
+        else:
+            teacher_inputs = {"input_ids": cap_ids, "attention_mask": cap_mask.clamp(min=0)}
+            pooled_mask = cap_mask.bool()
+        with eval_mode(model), torch.no_grad(), HiddenCapture(adapter, self.layers(adapter), {"cap": pooled_mask},
+                                                               self.config.pooling.name, detach=True) as cap:
+            # stops after the deepest TGA layer: later layers never run
+            cap.run(model, **teacher_inputs)
+        return cap.stacked("cap"), pooled_mask
+
     @hookimpl
     def before_forward(self, model: torch.nn.Module, batch: dict, ctx: "StepContext") -> None:
         extras = ctx.extras
@@ -333,7 +354,6 @@ class TGA(Method):
         adapter = ctx.runtime.adapter
         layers = self.layers(adapter)
         pooling = self.config.pooling.name
-        cap_ids, cap_mask = extras[CAPTION_IDS], extras[CAPTION_MASK]
         if model.training and torch.is_grad_enabled():
             left = compat.non_reentrant_checkpointing(model)
             if left:
@@ -344,18 +364,7 @@ class TGA(Method):
                     "checkpointing off, or use transformers' non-reentrant checkpointing instead "
                     "(lvlm_safety_plugins.compat.enable_checkpointing(model, use_reentrant=False))"
                 )
-        if self.config.caption_context == CaptionContext.prompt:
-            teacher = self.teacher_batch(adapter, batch, cap_ids, cap_mask, extras.get(RETRIEVED_MASK))
-            teacher_inputs = {"input_ids": teacher["input_ids"], "attention_mask": teacher["attention_mask"]}
-            pooled_mask = teacher["caption_mask"]
-        else:
-            teacher_inputs = {"input_ids": cap_ids, "attention_mask": cap_mask.clamp(min=0)}
-            pooled_mask = cap_mask.bool()
-        with eval_mode(model), torch.no_grad(), HiddenCapture(adapter, layers, {"cap": pooled_mask}, pooling,
-                                                               detach=True) as cap:
-            # stops after the deepest TGA layer: later layers never run
-            cap.run(model, **teacher_inputs)
-        ctx.scratch["tga_cap"] = cap.stacked("cap")
+        ctx.scratch["tga_cap"], pooled_mask = self.teacher_states(model, adapter, batch, extras)
         token_masks = {"ret": extras[RETRIEVED_MASK]} if RETRIEVED_MASK in extras else None
         # the host forward's states at the TGA layers, through the public capture API
         capture = ctx.capture(layers, token_masks=token_masks, pooling=pooling)
