@@ -377,12 +377,15 @@ def _assert_clean(model, before: tuple[dict, dict]) -> None:
 
 
 def _hand_steer(model, layer: int, vector: torch.Tensor, real: Callable[[torch.Tensor], torch.Tensor]):
-    """Subtract ``vector`` from decoder layer ``layer``'s output at the real positions (a
-    plain forward hook on the layer the model's own decoder holds)."""
+    """Subtract ``vector`` (``[hidden]``, or ``[batch, hidden]``: one per row) from decoder
+    layer ``layer``'s output at the real positions (a plain forward hook on the layer the
+    model's own decoder holds)."""
+    shift = vector if vector.dim() == 1 else vector[:, None, :]
+
     def hook(module, args, output):
         hidden = output if isinstance(output, torch.Tensor) else output[0]
         mask = real(hidden).unsqueeze(-1).to(hidden.dtype)
-        new = hidden - mask * vector.to(hidden.dtype)
+        new = hidden - mask * shift.to(hidden.dtype)
         return new if isinstance(output, torch.Tensor) else (new, *output[1:])
 
     return _decoder(model).layers[layer].register_forward_hook(hook)
@@ -519,13 +522,16 @@ def test_cmrm_calibration_steering_and_folding(f: Family):
             return batch["attention_mask"].bool()
         return torch.ones(hidden.shape[:2], dtype=torch.bool)
 
-    handle = _hand_steer(model, layer, vector, real)
-    try:
-        hand_seq, hand_scores = generate()
-    finally:
-        handle.remove()
-    assert torch.equal(seq, hand_seq)
-    torch.testing.assert_close(scores, hand_scores, rtol=1e-4, atol=1e-4)
+    def same_as_by_hand(got_seq, got_scores, shift):  # generate with the edit written as a plain hook
+        handle = _hand_steer(model, layer, shift, real)
+        try:
+            hand_seq, hand_scores = generate()
+        finally:
+            handle.remove()
+        assert torch.equal(got_seq, hand_seq)
+        torch.testing.assert_close(got_scores, hand_scores, rtol=1e-4, atol=1e-4)
+
+    same_as_by_hand(seq, scores, vector)
     assert not torch.allclose(scores, plain_scores)
     # sample level (independent composition, one layer): this input's own shift with the
     # blank reference image, measured on the unsteered model
@@ -537,13 +543,7 @@ def test_cmrm_calibration_steering_and_folding(f: Family):
     with cmrm_steer(model, None, variant="sample", reference="blank", layers=[layer], alpha=1.0, positions="all",
                     apply_to="both", composition="independent", processor=SimpleNamespace(image_processor=proc)):
         s_seq, s_scores = generate()
-    handle = _hand_steer_rows(model, layer, own, real)
-    try:
-        h_seq, h_scores = generate()
-    finally:
-        handle.remove()
-    assert torch.equal(s_seq, h_seq)
-    torch.testing.assert_close(s_scores, h_scores, rtol=1e-4, atol=1e-4)
+    same_as_by_hand(s_seq, s_scores, own)
     _assert_clean(model, before)
     # folding into the MLP output bias equals hooked steering where the MLP output is
     # added to the residual stream as it is; refused by name where it is not
@@ -558,17 +558,6 @@ def test_cmrm_calibration_steering_and_folding(f: Family):
     else:
         with pytest.raises(Exception, match="fold"):
             fold_into_weights(model, {layer: vector}, alpha=1.0)
-
-
-def _hand_steer_rows(model, layer: int, vectors: torch.Tensor, real):
-    """As :func:`_hand_steer` with one vector per batch row."""
-    def hook(module, args, output):
-        hidden = output if isinstance(output, torch.Tensor) else output[0]
-        mask = real(hidden).unsqueeze(-1).to(hidden.dtype)
-        new = hidden - mask * vectors[:, None, :].to(hidden.dtype)
-        return new if isinstance(output, torch.Tensor) else (new, *output[1:])
-
-    return _decoder(model).layers[layer].register_forward_hook(hook)
 
 
 @pytest.mark.slow
