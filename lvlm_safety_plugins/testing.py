@@ -192,6 +192,27 @@ def save_tiny_clip_vision_tower(path: str | os.PathLike[str] | None = None, seed
     return folder
 
 
+def save_tiny_llama_lm(path: str | os.PathLike[str], words: Sequence[str], *, seed: int = 0, max_positions: int = 512,
+                       chat_template: str | None = None) -> str:
+    """Save a tiny random ``LlamaForCausalLM`` (the class of Llama Guard 3 and
+    Llama-3-8B-Instruct) with a word-level tokenizer over ``words`` (and
+    ``chat_template``, given) to ``path``, as a local judge model is saved. Returns it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = os.fspath(path)
+    tok = tiny_tokenizer(tuple(words))
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=max_positions, pad_token_id=0, bos_token_id=2,
+                      eos_token_id=3)
+    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def save_tiny_clip_model(path: str | os.PathLike[str] | None = None, seed: int = 0, projection_dim: int = 16) -> str:
     """Save a tiny random dual-tower ``CLIPModel`` with a word-level tokenizer and an
     image processor to a folder (the ``clip:PATH`` retrieval embedder loads it). Returns
@@ -378,6 +399,7 @@ __all__ = [
     "processor_expands_image_tokens",
     "save_tiny_clip_model",
     "save_tiny_clip_vision_tower",
+    "save_tiny_llama_lm",
     "tiny_image_processor",
     "tiny_llava_batch",
     "tiny_llava_config",

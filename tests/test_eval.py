@@ -618,16 +618,10 @@ def test_refusal_judge():
 def tiny_judge_lm(tmp_path_factory):
     """A tiny random Llama causal LM and a word-level tokenizer that knows the answer
     words, saved to a folder as a judge model would be."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from lvlm_safety_plugins.testing import save_tiny_llama_lm
 
-    folder = tmp_path_factory.mktemp("judge-lm")
-    tok = tiny_tokenizer(TINY_WORDS + ("safe", "unsafe", "[REQUEST]", "[RESPONSE]", "Answer:"))
-    torch.manual_seed(3)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_llama_lm(tmp_path_factory.mktemp("judge-lm"), TINY_WORDS + ("safe", "unsafe", "[REQUEST]", "[RESPONSE]",
+                                                                               "Answer:"), seed=3, max_positions=256)
 
 
 TEMPLATE = "[REQUEST] {prompt} [RESPONSE] {response} Answer:"

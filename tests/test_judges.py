@@ -35,19 +35,12 @@ CHAT_TEMPLATE = (
 def tiny_llama_folder(tmp_path_factory):
     """A tiny random ``LlamaForCausalLM`` (Llama Guard 3's and Llama-3-8B-Instruct's
     class) with a word-level tokenizer that knows the verdict words."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from lvlm_safety_plugins.testing import save_tiny_llama_lm
 
     def build(template: str):
-        folder = tmp_path_factory.mktemp("llama")
-        tok = tiny_tokenizer(TINY_WORDS + ("safe", "unsafe", "S1", "S10", "[POLICY]", "[VERDICT]", "user:", "assistant:",
-                                           "<user>", "<assistant>", "[REQUEST]", "[RESPONSE]"))
-        tok.chat_template = template
-        torch.manual_seed(5)
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=2, eos_token_id=3)
-        LlamaForCausalLM(cfg).eval().save_pretrained(folder)
-        tok.save_pretrained(folder)
-        return folder
+        words = TINY_WORDS + ("safe", "unsafe", "S1", "S10", "[POLICY]", "[VERDICT]", "user:", "assistant:", "<user>",
+                              "<assistant>", "[REQUEST]", "[RESPONSE]")
+        return save_tiny_llama_lm(tmp_path_factory.mktemp("llama"), words, seed=5, chat_template=template)
 
     return build
 
